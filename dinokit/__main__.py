@@ -1,0 +1,3 @@
+from dinokit.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,113 @@
+"""The ``dinokit`` command: one subcommand per job, each a thin call into the package."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from dinokit import paths
+
+
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    from dinokit.data.check import check_dataset
+
+    report = check_dataset(args.root, decode=not args.no_decode, val_fraction=args.val_fraction, seed=args.seed)
+    print(report.text())
+    return 0 if report.usable else 1
+
+
+def _cmd_data_synth(args: argparse.Namespace) -> int:
+    from dinokit.data.synth import generate
+
+    start = time.perf_counter()
+    out = generate(args.out, per_class=args.per_class, size=args.size, seed=args.seed)
+    print(f"wrote the embedded dataset to {out} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _cmd_data_split(args: argparse.Namespace) -> int:
+    from dinokit.data.har import load_dataset
+    from dinokit.data.split import make_split
+
+    data = load_dataset(args.root)
+    split = make_split(data, args.val_fraction, args.seed)
+    out = Path(args.out) if args.out else paths.data_dir() / "splits" / f"{Path(args.root).resolve().name}.csv"
+    sha = split.write_manifest(out)
+    print(split.summary())
+    print(f"manifest: {out}")
+    print(f"sha256:   {sha}")
+    return 0
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from dinokit.config import make_config
+    from dinokit.train.loop import pretrain
+
+    overrides = list(args.set or [])
+    if args.data:
+        overrides.append(f"data.root={args.data}")
+    cfg = make_config(args.preset, overrides)
+    result = pretrain(cfg, out_dir=args.out, resume=args.resume)
+    print(f"run directory: {result.run_dir} ({result.status})")
+    return 0 if result.status in ("finished", "interrupted") else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dinokit", description="DINOv2 self-supervised pre-training kit.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="dataset tools: check, synth, split").add_subparsers(
+        dest="data_command", required=True
+    )
+    check = data.add_parser("check", help="report layout, class counts, split and bad files of a data root")
+    check.add_argument("root", help="HAR root (Kaggle layout, HF parquet or class folders)")
+    check.add_argument("--no-decode", action="store_true", help="skip decoding every image (faster)")
+    check.add_argument("--val-fraction", type=float, default=0.2)
+    check.add_argument("--seed", type=int, default=0)
+    check.set_defaults(func=_cmd_data_check)
+
+    synth = data.add_parser("synth", help="generate the embedded dataset (Kaggle layout)")
+    synth.add_argument("out", help="output folder")
+    synth.add_argument("--per-class", type=int, default=300)
+    synth.add_argument("--size", type=int, default=64, help="image side in pixels")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(func=_cmd_data_synth)
+
+    split = data.add_parser("split", help="write the fixed split manifest and print its sha256")
+    split.add_argument("root")
+    split.add_argument("--out", help="manifest path (default: data/splits/<root name>.csv)")
+    split.add_argument("--val-fraction", type=float, default=0.2)
+    split.add_argument("--seed", type=int, default=0)
+    split.set_defaults(func=_cmd_data_split)
+
+    from dinokit.config import PRESETS
+
+    pretrain = sub.add_parser("pretrain", help="DINOv2 self-supervised pre-training")
+    pretrain.add_argument("--preset", default="cpu-demo", choices=["default", *PRESETS])
+    pretrain.add_argument("--data", help="data root (default: DINOKIT_DATA or the embedded dataset)")
+    pretrain.add_argument("--out", help="run directory (default: runs/<preset>)")
+    pretrain.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.epochs=10")
+    pretrain.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    pretrain.set_defaults(func=_cmd_pretrain)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    from dinokit.data.har import DatasetError
+
+    try:
+        return args.func(args)
+    except (DatasetError, KeyError, ValueError, FileNotFoundError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"dinokit: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,80 @@
+"""DINOv2 multi-crop augmentation on torchvision.transforms.v2.
+
+Two global crops (scale 0.32-1) and N local crops (scale 0.05-0.32), each flipped, colour
+jittered (p=0.8), greyscaled (p=0.2) and blurred (p=1.0 / 0.1 on the globals, 0.5 on locals);
+the second global crop is solarized with p=0.2. Values from dinov2/data/augmentations.py.
+Blur radii are scaled with the crop size, so a 48 px crop is blurred like a 224 px one.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchvision.transforms import v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _normalize() -> v2.Compose:
+    return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def _blur(p: float, size: int) -> v2.Transform:
+    sigma_max = 2.0 * size / 224  # DINOv2: sigma in [0.1, 2.0] at 224 px
+    kernel = max(3, int(size * 0.1) | 1)  # odd kernel of about a tenth of the crop
+    return v2.RandomApply([v2.GaussianBlur(kernel, sigma=(min(0.1, sigma_max), sigma_max))], p=p)
+
+
+def _colour() -> v2.Compose:
+    return v2.Compose(
+        [
+            v2.RandomHorizontalFlip(p=0.5),
+            v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+            v2.RandomGrayscale(p=0.2),
+        ]
+    )
+
+
+class MultiCrop:
+    """Callable: PIL image -> ``{"global": [2 tensors], "local": [n tensors]}``."""
+
+    def __init__(
+        self,
+        global_size: int = 224,
+        local_size: int = 96,
+        n_local: int = 8,
+        global_scale: tuple[float, float] = (0.32, 1.0),
+        local_scale: tuple[float, float] = (0.05, 0.32),
+    ) -> None:
+        crop_g = v2.RandomResizedCrop(global_size, scale=global_scale, interpolation=v2.InterpolationMode.BICUBIC)
+        crop_l = v2.RandomResizedCrop(local_size, scale=local_scale, interpolation=v2.InterpolationMode.BICUBIC)
+        self.global1 = v2.Compose([crop_g, _colour(), _blur(1.0, global_size), _normalize()])
+        self.global2 = v2.Compose(
+            [crop_g, _colour(), _blur(0.1, global_size), v2.RandomSolarize(threshold=128, p=0.2), _normalize()]
+        )
+        self.local = v2.Compose([crop_l, _colour(), _blur(0.5, local_size), _normalize()])
+        self.n_local = n_local
+
+    def __call__(self, image) -> dict[str, list[torch.Tensor]]:
+        return {
+            "global": [self.global1(image), self.global2(image)],
+            "local": [self.local(image) for _ in range(self.n_local)],
+        }
+
+
+def eval_transform(size: int) -> v2.Compose:
+    """Resize the short side to ``size`` / 0.875 and centre-crop ``size`` (the usual eval recipe)."""
+    return v2.Compose(
+        [
+            v2.Resize(int(round(size / 0.875)), interpolation=v2.InterpolationMode.BICUBIC),
+            v2.CenterCrop(size),
+            _normalize(),
+        ]
+    )
+
+
+def denormalize(x: torch.Tensor) -> torch.Tensor:
+    """Undo the ImageNet normalisation, for drawing crops as the model sees them."""
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(-1, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(-1, 1, 1)
+    return (x * std + mean).clamp(0, 1)

@@ -1,0 +1,179 @@
+"""The embedded default dataset: procedurally drawn people in action poses, made offline.
+
+Each class is a pose (joint angles of a stick figure with thick limbs and a head), jittered per
+image and drawn at a random position, scale, orientation and colour on a cluttered background of
+random shapes and lines. Colour statistics say nothing about the class, so a model has to see the
+figure's shape, which is what self-supervised learning must discover. Written in the Kaggle HAR
+layout (``Training_set.csv``, ``train/``, ``Testing_set.csv``, ``test/``) so the real reader is
+used, with a few exact duplicates as HAR has.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+# Joint angles in degrees, measured from "straight down", positive towards the figure's front.
+# Keys: torso tilt (from vertical), upper arms / forearms / thighs / shins (absolute angles),
+# and a whole-body rotation (lying down).
+POSES: dict[str, dict[str, float]] = {
+    "standing": dict(torso=0, ua1=8, fa1=5, ua2=-8, fa2=-5, th1=5, sh1=3, th2=-5, sh2=-3),
+    "walking": dict(torso=3, ua1=30, fa1=45, ua2=-30, fa2=-20, th1=25, sh1=5, th2=-20, sh2=-35),
+    "running": dict(torso=18, ua1=-50, fa1=40, ua2=55, fa2=140, th1=65, sh1=-10, th2=-35, sh2=-95),
+    "jumping": dict(torso=0, ua1=140, fa1=150, ua2=-140, fa2=-150, th1=30, sh1=30, th2=-30, sh2=-30),
+    "cheering": dict(torso=0, ua1=170, fa1=175, ua2=-170, fa2=-175, th1=4, sh1=2, th2=-4, sh2=-2),
+    "waving": dict(torso=0, ua1=100, fa1=165, ua2=-8, fa2=-5, th1=5, sh1=3, th2=-5, sh2=-3),
+    "sitting": dict(torso=-5, ua1=25, fa1=85, ua2=20, fa2=80, th1=90, sh1=0, th2=85, sh2=-5),
+    "sleeping": dict(torso=0, ua1=10, fa1=10, ua2=-5, fa2=-5, th1=3, sh1=3, th2=-3, sh2=-3, body=90),
+    "kicking": dict(torso=-10, ua1=-70, fa1=-80, ua2=75, fa2=85, th1=85, sh1=80, th2=-3, sh2=-3),
+    "bending": dict(torso=80, ua1=0, fa1=5, ua2=10, fa2=15, th1=-5, sh1=-3, th2=5, sh2=3),
+    "calling": dict(torso=0, ua1=35, fa1=-165, ua2=-8, fa2=-5, th1=5, sh1=3, th2=-5, sh2=-3),
+    "pointing": dict(torso=0, ua1=90, fa1=90, ua2=-8, fa2=-5, th1=5, sh1=3, th2=-5, sh2=-3),
+}
+CLASSES = list(POSES)
+
+
+def _vec(angle_deg: float) -> np.ndarray:
+    a = math.radians(angle_deg)
+    return np.array([math.sin(a), math.cos(a)])
+
+
+def _random_colour(rng: np.random.Generator) -> tuple[int, int, int]:
+    return tuple(int(c) for c in rng.integers(0, 256, 3))
+
+
+def _draw_background(draw: ImageDraw.ImageDraw, size: int, rng: np.random.Generator) -> None:
+    top, bottom = np.array(_random_colour(rng)), np.array(_random_colour(rng))
+    for y in range(size):
+        t = y / max(size - 1, 1)
+        draw.line([(0, y), (size, y)], fill=tuple(int(c) for c in (1 - t) * top + t * bottom))
+    for _ in range(rng.integers(4, 10)):
+        kind = rng.integers(0, 3)
+        x0, y0 = rng.uniform(-0.2, 1.0, 2) * size
+        w, h = rng.uniform(0.08, 0.45, 2) * size
+        colour = _random_colour(rng)
+        if kind == 0:
+            draw.rectangle([x0, y0, x0 + w, y0 + h], fill=colour)
+        elif kind == 1:
+            draw.ellipse([x0, y0, x0 + w, y0 + h], fill=colour)
+        else:
+            draw.line([(x0, y0), (x0 + w, y0 + h)], fill=colour, width=max(1, int(rng.uniform(0.01, 0.03) * size)))
+
+
+def draw_person(pose: str, size: int, rng: np.random.Generator, scale: int = 2) -> Image.Image:
+    """Draw one image of class ``pose`` (rendered at ``scale``x then downsampled: anti-aliasing)."""
+    big = size * scale
+    img = Image.new("RGB", (big, big))
+    draw = ImageDraw.Draw(img)
+    _draw_background(draw, big, rng)
+    angles = {k: v + rng.normal(0, 10) for k, v in POSES[pose].items()}
+    facing = 1 if rng.random() < 0.5 else -1
+    height = rng.uniform(0.45, 0.8) * big
+    torso, upper, lower, head = 0.3 * height, 0.17 * height, 0.16 * height, 0.075 * height
+    width = max(2, int(rng.uniform(0.05, 0.075) * height))
+    rot = math.radians(angles.pop("body", 0.0) * facing)
+    c, s = math.cos(rot), math.sin(rot)
+
+    def seg(angle: float) -> np.ndarray:
+        v = _vec(angle)
+        return np.array([v[0] * facing, v[1]])
+
+    hip = np.zeros(2)
+    neck = hip + torso * seg(180 - angles["torso"])
+    shoulder = hip + 0.9 * (neck - hip)
+    points = {"hip": hip, "neck": neck}
+    lines = [(hip, neck)]
+    for side in ("1", "2"):
+        elbow = shoulder + upper * seg(angles["ua" + side])
+        hand = elbow + lower * seg(angles["fa" + side])
+        knee = hip + (upper + 0.03 * height) * seg(angles["th" + side])
+        foot = knee + (lower + 0.04 * height) * seg(angles["sh" + side])
+        lines += [(shoulder, elbow), (elbow, hand), (hip, knee), (knee, foot)]
+    head_centre = neck + (head + width / 2) * (neck - hip) / np.linalg.norm(neck - hip)
+    points["head"] = head_centre
+    all_pts = np.array([p for line in lines for p in line] + [head_centre])
+    rotated = all_pts @ np.array([[c, s], [-s, c]])
+    lo, hi = rotated.min(0) - head, rotated.max(0) + head
+    extent = hi - lo
+    offset = np.array([rng.uniform(0, max(big - e, 0)) for e in extent]) - lo
+    placed = rotated + offset
+    colour = _random_colour(rng)
+    for i in range(len(lines)):
+        a, b = placed[2 * i], placed[2 * i + 1]
+        draw.line([tuple(a), tuple(b)], fill=colour, width=width)
+        for p in (a, b):
+            draw.ellipse([p[0] - width / 2, p[1] - width / 2, p[0] + width / 2, p[1] + width / 2], fill=colour)
+    hx, hy = placed[-1]
+    draw.ellipse([hx - head, hy - head, hx + head, hy + head], fill=colour)
+    return img.resize((size, size), Image.Resampling.LANCZOS)
+
+
+def generate(
+    out: str | Path,
+    per_class: int = 300,
+    size: int = 64,
+    seed: int = 0,
+    unlabeled_fraction: float = 0.3,
+    duplicate_fraction: float = 0.01,
+    progress: bool = True,
+) -> Path:
+    """Write the embedded dataset to ``out`` in the Kaggle HAR layout; returns ``out``."""
+    out = Path(out)
+    (out / "train").mkdir(parents=True, exist_ok=True)
+    (out / "test").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.repeat(np.arange(len(CLASSES)), per_class))
+    n_test = int(round(unlabeled_fraction * len(labels)))
+    test_labels = rng.integers(0, len(CLASSES), n_test)
+    rows = []
+    total = len(labels) + n_test
+    bar = tqdm(total=total, desc=f"drawing {total} images", disable=not progress)
+    for i, label in enumerate(labels):
+        name = f"Image_{i + 1}.jpg"
+        draw_person(CLASSES[label], size, np.random.default_rng([seed, 0, i])).save(out / "train" / name, quality=92)
+        rows.append((name, CLASSES[label]))
+        bar.update()
+    # HAR has exact duplicates; copy a few files byte for byte under new names.
+    n_dup = int(duplicate_fraction * len(rows))
+    for j, src in enumerate(rng.choice(len(rows), n_dup, replace=False)):
+        name = f"Image_{len(labels) + j + 1}.jpg"
+        (out / "train" / name).write_bytes((out / "train" / rows[src][0]).read_bytes())
+        rows.append((name, rows[src][1]))
+    test_names = []
+    for i, label in enumerate(test_labels):
+        name = f"Image_{i + 1}.jpg"
+        draw_person(CLASSES[label], size, np.random.default_rng([seed, 1, i])).save(out / "test" / name, quality=92)
+        test_names.append(name)
+        bar.update()
+    bar.close()
+    with (out / "Training_set.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["filename", "label"])
+        writer.writerows(rows)
+    with (out / "Testing_set.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["filename"])
+        writer.writerows([n] for n in test_names)
+    (out / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    return out
+
+
+def ensure_embedded(out: str | Path, per_class: int = 300, size: int = 64, seed: int = 0) -> Path:
+    """Generate the embedded dataset unless a complete one with the same parameters exists."""
+    out = Path(out)
+    stamp = out / ".synth-params"
+    params = f"per_class={per_class} size={size} seed={seed}\n"
+    if stamp.is_file() and stamp.read_text() == params and (out / "Training_set.csv").is_file():
+        return out
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    generate(out, per_class=per_class, size=size, seed=seed)
+    stamp.write_text(params)
+    return out

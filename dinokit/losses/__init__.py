@@ -1,0 +1,1 @@
+"""Losses: DINO (CLS), iBOT (masked patches), KoLeo, and the teacher normalisations."""

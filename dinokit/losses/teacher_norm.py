@@ -1,0 +1,63 @@
+"""Turning teacher logits into targets: centering + sharpening, or Sinkhorn-Knopp.
+
+Centering (DINO): subtract an EMA of the batch-mean logits, then a low-temperature softmax.
+Centering alone pushes towards uniform outputs and sharpening alone towards one winning
+prototype; together they avoid both collapses. Sinkhorn-Knopp (SwAV, DINOv2) instead makes
+the batch's assignment to prototypes equipartitioned with a few normalisation sweeps; in a
+distributed run the sums run over all processes' samples.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def _dist_on() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class Centering(nn.Module):
+    def __init__(self, out_dim: int, momentum: float = 0.9) -> None:
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    @torch.no_grad()
+    def targets(self, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+        return torch.softmax((teacher_logits.float() - self.center) / temperature, dim=-1)
+
+    @torch.no_grad()
+    def update(self, teacher_logits: torch.Tensor) -> None:
+        """EMA of the mean logit over the global batch (all processes)."""
+        total = teacher_logits.float().sum(dim=0, keepdim=True)
+        count = torch.tensor([teacher_logits.shape[0]], dtype=torch.float32, device=total.device)
+        if _dist_on():
+            dist.all_reduce(total)
+            dist.all_reduce(count)
+        self.center.mul_(self.momentum).add_(total / count, alpha=1 - self.momentum)
+
+
+@torch.no_grad()
+def sinkhorn_knopp(teacher_logits: torch.Tensor, temperature: float, n_iters: int = 3) -> torch.Tensor:
+    """Targets whose columns (prototypes) share the global batch equally; rows sum to 1."""
+    q = torch.exp(teacher_logits.float() / temperature).t()  # (K, B)
+    b = torch.tensor(float(q.shape[1]), device=q.device)
+    if _dist_on():
+        dist.all_reduce(b)
+    k = q.shape[0]
+    total = q.sum()
+    if _dist_on():
+        dist.all_reduce(total)
+    q /= total
+    for _ in range(n_iters):
+        rows = q.sum(dim=1, keepdim=True)
+        if _dist_on():
+            dist.all_reduce(rows)
+        q /= rows
+        q /= k
+        q /= q.sum(dim=0, keepdim=True)
+        q /= b
+    q *= b
+    return q.t()

@@ -1,0 +1,1 @@
+"""Models: the ViT backbone with switchable attention, and the DINO/iBOT heads."""

@@ -1,0 +1,65 @@
+"""Student / teacher network: backbone + DINO head (+ iBOT head), one forward for DDP."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dinokit.config import ModelConfig
+from dinokit.models.heads import DINOHead
+from dinokit.models.vit import VisionTransformer, build_vit
+
+
+class SSLModel(nn.Module):
+    def __init__(self, backbone: VisionTransformer, dino_head: DINOHead, ibot_head: DINOHead | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.dino_head = dino_head
+        self.ibot_head = ibot_head  # None: iBOT shares the DINO head (DINOv2's default)
+
+    def forward(
+        self,
+        global_crops: torch.Tensor,
+        local_crops: torch.Tensor | None = None,
+        masks: torch.Tensor | None = None,
+        mask_input: bool = True,
+    ) -> dict[str, torch.Tensor]:
+        """Student: ``mask_input=True`` hides masked patches. Teacher: ``False``, sees them all.
+
+        Either way the iBOT head scores the tokens at the masked positions.
+        """
+        g = self.backbone.forward_features(global_crops, masks if mask_input else None)
+        out = {"cls": g["cls"], "dino_global": self.dino_head(g["cls"])}
+        if local_crops is not None:
+            out["dino_local"] = self.dino_head(self.backbone.forward_features(local_crops)["cls"])
+        if masks is not None:
+            head = self.ibot_head or self.dino_head
+            out["ibot"] = head(g["patch"][masks])
+        return out
+
+
+def build_ssl_model(cfg: ModelConfig, img_size: int) -> SSLModel:
+    backbone = build_vit(
+        cfg.arch,
+        patch_size=cfg.patch_size,
+        img_size=img_size,
+        embed_dim=cfg.embed_dim,
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
+        n_registers=cfg.n_registers,
+        layerscale=cfg.layerscale,
+        drop_path=cfg.drop_path,
+        efficient_drop_path=cfg.efficient_drop_path,
+        attention=cfg.attention,
+    )
+    if cfg.init == "dinov2":
+        from dinokit.models.pretrained import load_timm_vit_weights, official_dinov2_state_dict
+
+        load_timm_vit_weights(backbone, official_dinov2_state_dict(cfg.arch))
+    elif cfg.init != "random":
+        raise ValueError(f"model.init must be 'random' or 'dinov2', got {cfg.init!r}")
+
+    def head() -> DINOHead:
+        return DINOHead(backbone.embed_dim, cfg.head_prototypes, cfg.head_hidden, cfg.head_bottleneck)
+
+    return SSLModel(backbone, head(), head() if cfg.ibot_separate_head else None)

@@ -1,0 +1,209 @@
+"""The ViT backbone, built from timm layers, with what DINOv2 needs on top.
+
+* any image size (position embeddings interpolated per input, so 224 px global and 96 px local
+  crops share weights), a learnable mask token for iBOT, optional register tokens, LayerScale;
+* stochastic depth either as timm's ``DropPath`` (zero the branch for dropped samples) or as
+  DINOv2 does it: compute the branch only for the kept samples (``efficient_drop_path``);
+* output ``{"cls", "patch", "reg", "prenorm"}`` and ``get_intermediate_layers`` for the probes;
+* parameter names as in timm, so timm / DINOv2 state dicts load (see :mod:`dinokit.models.pretrained`).
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import DropPath, LayerScale, Mlp, PatchEmbed, resample_abs_pos_embed
+from torch import nn
+
+from dinokit.models.attention import Attention, check_backend, set_attention_backend
+
+# name -> (embed_dim, depth, num_heads)
+ARCHS = {
+    "vit_pico": (48, 2, 2),  # tests only
+    "vit_mini": (192, 4, 3),  # the CPU demo
+    "vit_tiny": (192, 12, 3),
+    "vit_small": (384, 12, 6),  # ViT-S: the assignment's model
+    "vit_base": (768, 12, 12),
+}
+
+
+def _drop_add_residual_subset(x: torch.Tensor, branch: nn.Module, drop_rate: float) -> torch.Tensor:
+    """Stochastic depth that skips the compute of dropped samples (DINOv2's efficient variant)."""
+    b = x.shape[0]
+    keep = max(int(b * (1 - drop_rate)), 1)
+    idx = torch.randperm(b, device=x.device)[:keep]
+    residual = branch(x[idx])
+    scale = b / keep  # unbiased: E[update] equals the full residual
+    return torch.index_add(x.flatten(1), 0, idx, residual.to(x.dtype).flatten(1), alpha=scale).view_as(x)
+
+
+class Block(nn.Module):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        layerscale: float = 0.0,
+        drop_path: float = 0.0,
+        efficient_drop_path: bool = True,
+        backend: str = "sdpa",
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, backend=backend)
+        self.ls1 = LayerScale(dim, layerscale) if layerscale else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
+        self.ls2 = LayerScale(dim, layerscale) if layerscale else nn.Identity()
+        self.drop_path_rate = drop_path
+        self.efficient_drop_path = efficient_drop_path
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def _attn_branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ls1(self.attn(self.norm1(x)))
+
+    def _mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ls2(self.mlp(self.norm2(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.drop_path_rate > 0 and self.efficient_drop_path:
+            x = _drop_add_residual_subset(x, self._attn_branch, self.drop_path_rate)
+            return _drop_add_residual_subset(x, self._mlp_branch, self.drop_path_rate)
+        x = x + self.drop_path(self._attn_branch(x))
+        return x + self.drop_path(self._mlp_branch(x))
+
+
+class VisionTransformer(nn.Module):
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 8,
+        embed_dim: int = 384,
+        depth: int = 12,
+        num_heads: int = 6,
+        mlp_ratio: float = 4.0,
+        n_registers: int = 0,
+        layerscale: float = 1e-5,
+        drop_path: float = 0.0,
+        efficient_drop_path: bool = True,
+        attention: str = "sdpa",
+    ) -> None:
+        super().__init__()
+        check_backend(attention)
+        self.patch_size = patch_size
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.n_registers = n_registers
+        self.patch_embed = PatchEmbed(
+            img_size, patch_size, 3, embed_dim, output_fmt="NHWC", strict_img_size=False, flatten=False
+        )
+        self.grid = self.patch_embed.grid_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.reg_token = nn.Parameter(torch.zeros(1, n_registers, embed_dim)) if n_registers else None
+        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid[0] * self.grid[1], embed_dim))
+        # Stochastic depth grows linearly with depth (DINOv2's drop_path_uniform=False).
+        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, layerscale, r, efficient_drop_path, attention) for r in rates
+        )
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        if self.reg_token is not None:
+            nn.init.normal_(self.reg_token, std=1e-6)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    @property
+    def n_prefix_tokens(self) -> int:
+        return 1 + self.n_registers
+
+    def set_attention_backend(self, backend: str) -> VisionTransformer:
+        return set_attention_backend(self, backend)
+
+    def prepare_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+        """Patchify, swap masked patches for the mask token, add (interpolated) positions."""
+        b, _, h, w = x.shape
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {self.patch_size}")
+        x = self.patch_embed(x)  # (b, gh, gw, d)
+        gh, gw = x.shape[1:3]
+        x = x.reshape(b, gh * gw, -1)
+        if masks is not None:
+            x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype), x)
+        pos = self.pos_embed
+        if (gh, gw) != tuple(self.grid):
+            pos = resample_abs_pos_embed(pos, new_size=(gh, gw), old_size=self.grid, num_prefix_tokens=1)
+        cls = self.cls_token.expand(b, -1, -1) + pos[:, :1]
+        tokens = [cls]
+        if self.reg_token is not None:
+            tokens.append(self.reg_token.expand(b, -1, -1))
+        tokens.append(x + pos[:, 1:])
+        return torch.cat(tokens, dim=1)
+
+    def forward_features(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        x = self.prepare_tokens(x, masks)
+        for block in self.blocks:
+            x = block(x)
+        out = self.norm(x)
+        r = self.n_prefix_tokens
+        return {"cls": out[:, 0], "reg": out[:, 1:r], "patch": out[:, r:], "prenorm": x}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x)["cls"]
+
+    def get_intermediate_layers(
+        self, x: torch.Tensor, n: int = 1, norm: bool = True
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(patch tokens, cls token)`` of the last ``n`` blocks, as DINOv2's linear probes use."""
+        x = self.prepare_tokens(x)
+        outputs = []
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i >= len(self.blocks) - n:
+                outputs.append(self.norm(x) if norm else x)
+        r = self.n_prefix_tokens
+        return [(o[:, r:], o[:, 0]) for o in outputs]
+
+    @torch.no_grad()
+    def get_last_self_attention(self, x: torch.Tensor, block: int = -1) -> torch.Tensor:
+        """Attention weights ``(b, heads, tokens, tokens)`` of one block, via the naive backend."""
+        target = self.blocks[block].attn
+        saved = target.backend
+        target.backend, target.keep_attention = "naive", True
+        try:
+            x = self.prepare_tokens(x)
+            for blk in self.blocks[: (block % len(self.blocks)) + 1]:
+                x = blk(x)
+            return target.last_attention
+        finally:
+            target.backend, target.keep_attention, target.last_attention = saved, False, None
+
+
+def build_vit(
+    arch: str = "vit_small",
+    patch_size: int = 8,
+    img_size: int = 224,
+    embed_dim: int = 0,
+    depth: int = 0,
+    num_heads: int = 0,
+    **kwargs,
+) -> VisionTransformer:
+    """Build a ViT by name; explicit ``embed_dim``/``depth``/``num_heads`` override the name."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    d, n, h = ARCHS[arch]
+    return VisionTransformer(
+        img_size=img_size,
+        patch_size=patch_size,
+        embed_dim=embed_dim or d,
+        depth=depth or n,
+        num_heads=num_heads or h,
+        **kwargs,
+    )

@@ -1,0 +1,45 @@
+"""Where things live. Every root can be overridden from the environment so that notebooks,
+tests and CI never hard-code relative paths like ``../data``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env_path(name: str, default: Path) -> Path:
+    value = os.environ.get(name)
+    return Path(value).expanduser().resolve() if value else default
+
+
+def repo_root() -> Path:
+    return _env_path("DINOKIT_ROOT", REPO_ROOT)
+
+
+def data_dir() -> Path:
+    """Folder for generated data (the embedded dataset, caches); gitignored."""
+    return _env_path("DINOKIT_DATA_DIR", repo_root() / "data")
+
+
+def embedded_dataset_dir() -> Path:
+    return data_dir() / "embedded-har"
+
+
+def default_data_root() -> Path:
+    """``DINOKIT_DATA`` points at real HAR; otherwise the embedded dataset is used."""
+    return _env_path("DINOKIT_DATA", embedded_dataset_dir())
+
+
+def runs_dir() -> Path:
+    return _env_path("DINOKIT_RUNS", repo_root() / "runs")
+
+
+def report_dir() -> Path:
+    return _env_path("DINOKIT_REPORT", repo_root() / "report")
+
+
+def profile() -> str:
+    """The notebook profile: ``ci`` (seconds), ``cpu-demo`` (minutes) or a GPU preset."""
+    return os.environ.get("DINOKIT_PROFILE", "cpu-demo")

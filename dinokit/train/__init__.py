@@ -1,0 +1,1 @@
+"""Training: schedules, parameter groups, EMA teacher, checkpoints, distributed set-up, the loop."""

@@ -1,0 +1,28 @@
+"""The EMA teacher: a frozen copy of the student, updated as t <- m t + (1 - m) s each step."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+def build_teacher(student: nn.Module) -> nn.Module:
+    """A copy in eval mode (no stochastic depth) that never receives gradients."""
+    teacher = copy.deepcopy(student)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.eval()
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    t_params, s_params = [], []
+    for (tn, tp), (sn, sp) in zip(teacher.named_parameters(), student.named_parameters(), strict=True):
+        if tn != sn.removeprefix("module."):
+            raise ValueError(f"teacher and student parameters differ: {tn} vs {sn}")
+        t_params.append(tp)
+        s_params.append(sp.detach())
+    torch._foreach_mul_(t_params, momentum)
+    torch._foreach_add_(t_params, s_params, alpha=1 - momentum)
