@@ -61,7 +61,7 @@ def check_dataset(root: str | Path, decode: bool = True, val_fraction: float = 0
         data.labeled = good_labeled
     report = CheckReport(data, None, problems, sizes)
     counts = data.class_counts()
-    too_small = [name for name, n in counts.items() if n < 2]
+    too_small = [name for name, n in counts.items() if 0 < n < 2]
     if not data.labeled:
         report.usable, report.reason = False, "no readable labelled images"
     elif too_small:

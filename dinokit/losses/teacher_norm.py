@@ -42,7 +42,11 @@ class Centering(nn.Module):
 @torch.no_grad()
 def sinkhorn_knopp(teacher_logits: torch.Tensor, temperature: float, n_iters: int = 3) -> torch.Tensor:
     """Targets whose columns (prototypes) share the global batch equally; rows sum to 1."""
-    q = torch.exp(teacher_logits.float() / temperature).t()  # (K, B)
+    logits = teacher_logits.float()
+    peak = logits.max()
+    if _dist_on():
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    q = torch.exp((logits - peak) / temperature).t()  # (K, B); the shift cancels in the sweeps
     b = torch.tensor(float(q.shape[1]), device=q.device)
     if _dist_on():
         dist.all_reduce(b)

@@ -382,11 +382,3 @@ def _truncate_metrics(path: Path, start_iter: int) -> None:
             continue
     path.write_text("".join(f"{line}\n" for line in keep))
 
-
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The metrics log of a run as a list of dicts (steps and kNN records mixed, by iteration)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-

@@ -1,0 +1,43 @@
+# Two commands do everything on a fresh machine:
+#   make demo   set up .venv, then run the whole story on the embedded dataset (no downloads)
+#   make test   set up .venv, then run ruff, pytest and the notebooks under nbval (what CI runs)
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.install-stamp
+export DINOKIT_PROFILE ?= cpu-demo
+
+.PHONY: setup demo test lint lab pretrain clean help
+
+help:
+	@echo "make demo | test | lint | lab | pretrain | clean"
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/dinokit demo
+
+pretrain: $(STAMP)
+	$(BIN)/dinokit pretrain --preset $(DINOKIT_PROFILE)
+
+lint: $(STAMP)
+	$(BIN)/ruff check dinokit tests benchmarks
+	$(BIN)/ruff format --check dinokit tests benchmarks
+
+test: $(STAMP)
+	$(BIN)/ruff check dinokit tests benchmarks
+	DINOKIT_PROFILE=ci $(BIN)/python -m pytest tests notebooks --nbval-lax --durations=10 -q
+
+lab: $(STAMP)
+	$(BIN)/jupyter lab notebooks
+
+clean:
+	rm -rf runs data/embedded-har data/splits report/figures report/report.* .pytest_cache
