@@ -1,0 +1,138 @@
+import pytest
+import torch
+
+from dinokit.models.attention import BACKENDS, flash_attn_available, get_attention_backend
+from dinokit.models.heads import DINOHead
+from dinokit.models.pretrained import load_timm_vit_weights
+from dinokit.models.vit import build_vit
+
+# SDPA has no memory-efficient kernel on the CPU; flash-attn needs its package and a GPU.
+CPU_BACKENDS = [b for b in BACKENDS if b not in ("flash-attn", "sdpa-efficient")]
+
+
+@pytest.fixture
+def vit():
+    torch.manual_seed(0)
+    return build_vit("vit_pico", patch_size=8, img_size=32, n_registers=2, layerscale=1e-2)
+
+
+def test_output_contract(vit) -> None:
+    out = vit.forward_features(torch.randn(3, 3, 32, 32))
+    assert out["cls"].shape == (3, 48) and out["patch"].shape == (3, 16, 48)
+    assert out["reg"].shape == (3, 2, 48) and out["prenorm"].shape == (3, 19, 48)
+    layers = vit.get_intermediate_layers(torch.randn(2, 3, 32, 32), n=2)
+    assert len(layers) == 2 and layers[-1][0].shape == (2, 16, 48) and layers[-1][1].shape == (2, 48)
+
+
+def test_any_image_size_shares_weights(vit) -> None:
+    assert vit.forward_features(torch.randn(2, 3, 16, 24))["patch"].shape == (2, 6, 48)
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        vit(torch.randn(1, 3, 30, 30))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_backends_agree_forward_and_backward(vit, backend: str) -> None:
+    x = torch.randn(2, 3, 32, 32)
+    vit.eval()
+    vit.set_attention_backend("naive")
+    ref = vit(x)
+    ref.square().sum().backward()
+    ref_grads = {n: p.grad.clone() for n, p in vit.named_parameters() if p.grad is not None}
+    vit.zero_grad()
+    vit.set_attention_backend(backend)
+    assert get_attention_backend(vit) == backend
+    out = vit(x)
+    out.square().sum().backward()
+    assert torch.allclose(out, ref, atol=1e-5)
+    for name, grad in ref_grads.items():
+        assert torch.allclose(dict(vit.named_parameters())[name].grad, grad, atol=1e-4, rtol=1e-3), name
+
+
+def test_unknown_or_missing_backend_is_clear(vit) -> None:
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        vit.set_attention_backend("fast")
+    if not flash_attn_available():
+        with pytest.raises(ValueError, match="flash-attn"):
+            vit.set_attention_backend("flash-attn")
+
+
+def test_attention_weights_via_naive_only_for_that_forward(vit) -> None:
+    vit.set_attention_backend("sdpa")
+    attn = vit.get_last_self_attention(torch.randn(2, 3, 32, 32))
+    assert attn.shape == (2, 2, 19, 19)
+    assert torch.allclose(attn.sum(-1), torch.ones(2, 2, 19), atol=1e-5)
+    assert get_attention_backend(vit) == "sdpa"
+
+
+def test_mask_token_replaces_masked_patches(vit) -> None:
+    x = torch.randn(1, 3, 32, 32)
+    masks = torch.zeros(1, 16, dtype=torch.bool)
+    masks[0, :4] = True
+    tokens = vit.prepare_tokens(x, masks)
+    other = vit.prepare_tokens(torch.randn(1, 3, 32, 32), masks)
+    r = vit.n_prefix_tokens
+    assert torch.allclose(tokens[0, r : r + 4], other[0, r : r + 4])  # content gone, position kept
+    assert not torch.allclose(tokens[0, r + 4 :], other[0, r + 4 :])
+
+
+def test_efficient_drop_path_matches_expectation() -> None:
+    torch.manual_seed(0)
+    model = build_vit("vit_pico", img_size=16, patch_size=8, drop_path=0.5, efficient_drop_path=True, layerscale=0)
+    x = torch.randn(64, 3, 16, 16)
+    model.eval()
+    full = model.forward_features(x)["prenorm"]
+    model.train()
+    # Each kept sample's residual is scaled by B/keep: averaged over many draws the output is
+    # close to the full (eval) forward; a single draw changes some samples.
+    torch.manual_seed(1)
+    one = model.forward_features(x)["prenorm"]
+    assert not torch.allclose(one, full)
+    one.sum().backward()  # gradients flow through the subset path
+    assert model.blocks[1].attn.qkv.weight.grad is not None
+
+
+def test_dino_head_logits_are_cosines() -> None:
+    head = DINOHead(48, out_dim=32, hidden_dim=64, bottleneck_dim=16)
+    logits = head(torch.randn(5, 48))
+    assert logits.shape == (5, 32) and logits.abs().max() <= 1.0 + 1e-5
+    g = head.last_layer.parametrizations.weight.original0
+    assert not g.requires_grad and torch.allclose(g, torch.ones_like(g))
+
+
+def test_dinov2_weights_load_and_match_timm() -> None:
+    """timm's own DINOv2 ViT (random weights: no download here) gives the same features once
+    its state dict is loaded into dinokit's ViT at the same patch size; at patch 8 the weights
+    are resampled and the model still runs."""
+    timm = pytest.importorskip("timm")
+    reference = timm.create_model(
+        "vit_small_patch14_dinov2", pretrained=False, img_size=56, num_classes=0, depth=2
+    ).eval()
+    ours = build_vit("vit_small", patch_size=14, img_size=56, depth=2, layerscale=1e-5).eval()
+    missing = load_timm_vit_weights(ours, reference.state_dict())
+    assert missing == ["mask_token"]
+    x = torch.randn(2, 3, 56, 56)
+    assert torch.allclose(ours(x), reference(x), atol=1e-4)
+    patch8 = build_vit("vit_small", patch_size=8, img_size=64, depth=2, layerscale=1e-5)
+    load_timm_vit_weights(patch8, reference.state_dict())
+    assert patch8.patch_embed.proj.weight.shape[-1] == 8
+    assert patch8(torch.randn(1, 3, 64, 64)).shape == (1, 384)
+
+
+def test_wrong_architecture_is_reported() -> None:
+    small = build_vit("vit_pico", img_size=32)
+    other = build_vit("vit_pico", img_size=32, embed_dim=64, num_heads=2)
+    with pytest.raises(ValueError, match="does not match"):
+        load_timm_vit_weights(small, other.state_dict())
+
+
+def test_missing_weights_give_a_clear_message(monkeypatch) -> None:
+    from dinokit.models import pretrained
+
+    monkeypatch.delenv("DINOKIT_DINOV2_WEIGHTS", raising=False)
+
+    def no_network(*args, **kwargs):
+        raise OSError("no internet")
+
+    monkeypatch.setattr("timm.create_model", no_network)
+    with pytest.raises(RuntimeError, match="DINOKIT_DINOV2_WEIGHTS"):
+        pretrained.official_dinov2_state_dict("vit_small")

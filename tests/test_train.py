@@ -1,0 +1,130 @@
+"""Integration tests on the ``ci`` preset: a few seconds of real training each."""
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from dinokit.config import make_config
+from dinokit.train.checkpoint import load_checkpoint, save_atomic
+from dinokit.train.loop import TrainingDiverged, pretrain
+from dinokit.train.run_dir import load_backbone, read_metrics, run_progress
+
+
+@pytest.fixture
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("DINOKIT_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("DINOKIT_RUNS", str(tmp_path / "runs"))
+    monkeypatch.delenv("DINOKIT_DATA", raising=False)
+    return tmp_path
+
+
+def _cfg(**extra):
+    return make_config("ci", {"train.knn_every_epochs": 2, **extra})
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    return {m["iteration"]: m["loss_dino"] for m in read_metrics(run_dir) if "loss_dino" in m}
+
+
+def test_ci_run_writes_a_complete_run_directory(env: Path) -> None:
+    result = pretrain(_cfg(), out_dir=env / "run")
+    assert result.status == "finished"
+    run = env / "run"
+    for name in ("config.json", "metrics.jsonl", "checkpoint.pt", "teacher_backbone.pt", "split.csv", "train.log"):
+        assert (run / name).is_file(), name
+    metrics = read_metrics(run)
+    steps = [m for m in metrics if "loss_dino" in m]
+    assert len(steps) == result.iteration == run_progress(run)[1]
+    assert {"loss_dino", "loss_ibot", "loss_koleo", "teacher_entropy", "teacher_kl_uniform", "lr", "momentum"} <= steps[0].keys()
+    assert any("knn_top1" in m for m in metrics)
+    info = json.loads((run / "run_info.json").read_text())
+    assert len(info["split_sha256"]) == 64
+    # teacher and student differ (EMA lags), and the backbone loads back
+    state = load_checkpoint(run / "checkpoint.pt")
+    assert not torch.equal(state["teacher"]["backbone.pos_embed"], state["student"]["backbone.pos_embed"])
+    assert load_backbone(run)(torch.randn(1, 3, 32, 32)).shape == (1, 48)
+
+
+def test_interrupted_run_resumes_on_the_same_trajectory(env: Path) -> None:
+    cfg = _cfg()
+    full = pretrain(cfg, out_dir=env / "full")
+
+    def interrupt_at_5(iteration: int, logs: dict) -> None:
+        if iteration == 5:
+            os.kill(os.getpid(), signal.SIGINT)  # the real signal path: save, then stop
+
+    part = pretrain(_cfg(), out_dir=env / "part", on_step=interrupt_at_5)
+    assert part.status == "interrupted" and part.iteration == 5
+    assert run_progress(env / "part") == (5, full.iteration)
+    resumed = pretrain(_cfg(), out_dir=env / "part", resume=True)
+    assert resumed.status == "finished" and resumed.iteration == full.iteration
+    a, b = _losses(env / "full"), _losses(env / "part")
+    assert a.keys() == b.keys()
+    for it in a:
+        assert a[it] == pytest.approx(b[it], rel=1e-5, abs=1e-6), it
+    sa = load_checkpoint(env / "full" / "checkpoint.pt")["teacher"]
+    sb = load_checkpoint(env / "part" / "checkpoint.pt")["teacher"]
+    for key in sa:
+        assert torch.allclose(sa[key], sb[key], atol=1e-5), key
+
+
+def test_existing_run_is_not_overwritten(env: Path) -> None:
+    pretrain(_cfg(**{"train.max_iters": 2}), out_dir=env / "run")
+    with pytest.raises(FileExistsError, match="--resume"):
+        pretrain(_cfg(), out_dir=env / "run")
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        pretrain(_cfg(), out_dir=env / "empty", resume=True)
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_checkpoint(env: Path, monkeypatch) -> None:
+    from dinokit.losses import objective
+
+    real = objective.DINOv2Objective.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        total, logs = real(self, *args, **kwargs)
+        calls["n"] += 1
+        return (total * float("nan") if calls["n"] > 5 else total), logs
+
+    monkeypatch.setattr(objective.DINOv2Objective, "forward", poisoned)
+    with pytest.raises(TrainingDiverged, match="iteration 5"):
+        pretrain(_cfg(), out_dir=env / "run")
+    assert load_checkpoint(env / "run" / "checkpoint.pt")["iteration"] == 4  # checkpoint_every=4
+
+
+def test_sinkhorn_and_registers_run(env: Path) -> None:
+    result = pretrain(
+        _cfg(**{"loss.normalization": "sinkhorn", "model.n_registers": 2, "train.max_iters": 3}), out_dir=env / "r"
+    )
+    assert result.status == "finished" and result.iteration == 3
+
+
+def test_atomic_save_leaves_old_file_on_failure(tmp_path: Path) -> None:
+    path = tmp_path / "c.pt"
+    save_atomic({"a": torch.ones(2)}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        save_atomic({"a": Unpicklable()}, path)
+    assert torch.equal(load_checkpoint(path)["a"], torch.ones(2))
+
+
+def test_checkpoint_loading_never_runs_code(tmp_path: Path) -> None:
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    path = tmp_path / "evil.pt"
+    path.write_bytes(pickle.dumps({"x": Evil()}))
+    with pytest.raises(pickle.UnpicklingError):
+        load_checkpoint(path)
