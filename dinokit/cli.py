@@ -55,6 +55,13 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     return 0 if result.status in ("finished", "interrupted") else 1
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from dinokit.demo import run_demo
+
+    results = run_demo(args.preset, args.out, args.set)
+    return 0 if "pretrained" in results else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dinokit", description="DINOv2 self-supervised pre-training kit.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -93,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.epochs=10")
     pretrain.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
     pretrain.set_defaults(func=_cmd_pretrain)
+
+    demo = sub.add_parser("demo", help="the whole story on the embedded dataset (resumable)")
+    demo.add_argument("--preset", default="cpu-demo", choices=["default", *PRESETS])
+    demo.add_argument("--out", help="run directory (default: runs/<preset>)")
+    demo.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    demo.set_defaults(func=_cmd_demo)
     return parser
 
 
@@ -103,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (DatasetError, KeyError, ValueError, FileNotFoundError) as exc:
+    except (DatasetError, KeyError, ValueError, FileNotFoundError, FileExistsError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"dinokit: error: {message}", file=sys.stderr)
         return 2

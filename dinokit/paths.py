@@ -23,13 +23,15 @@ def data_dir() -> Path:
     return _env_path("DINOKIT_DATA_DIR", repo_root() / "data")
 
 
-def embedded_dataset_dir() -> Path:
-    return data_dir() / "embedded-har"
+def embedded_dataset_dir(per_class: int, size: int) -> Path:
+    """One folder per size of the embedded dataset, so the ``ci`` and demo profiles coexist."""
+    return data_dir() / f"embedded-har-{per_class}x{size}px"
 
 
-def default_data_root() -> Path:
-    """``DINOKIT_DATA`` points at real HAR; otherwise the embedded dataset is used."""
-    return _env_path("DINOKIT_DATA", embedded_dataset_dir())
+def har_root() -> Path | None:
+    """``DINOKIT_DATA`` points at real HAR (any supported layout); ``None``: use the embedded set."""
+    value = os.environ.get("DINOKIT_DATA")
+    return Path(value).expanduser().resolve() if value else None
 
 
 def runs_dir() -> Path:

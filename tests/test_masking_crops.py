@@ -5,8 +5,8 @@ from PIL import Image
 
 from dinokit.config import MaskConfig
 from dinokit.data.crops import MultiCrop, denormalize, eval_transform
-from dinokit.data.loader import EpochSampler, MultiCropDataset, collate_multicrop
 from dinokit.data.har import Record
+from dinokit.data.loader import EpochSampler, MultiCropDataset, collate_multicrop
 from dinokit.data.masking import block_mask, mask_weights, sample_masks
 
 
@@ -51,7 +51,7 @@ def test_multicrop_shapes_and_values() -> None:
     assert len(views["global"]) == 2 and len(views["local"]) == 3
     assert all(v.shape == (3, 32, 32) for v in views["global"])
     assert all(v.shape == (3, 16, 16) for v in views["local"])
-    assert 0.0 <= denormalize(views["global"][0]).min() and denormalize(views["global"][0]).max() <= 1.0
+    assert denormalize(views["global"][0]).min() >= 0.0 and denormalize(views["global"][0]).max() <= 1.0
     assert eval_transform(32)(img).shape == (3, 32, 32)
 
 

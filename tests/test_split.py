@@ -11,7 +11,9 @@ from dinokit.data.synth import generate
 
 @pytest.fixture(scope="module")
 def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return generate(tmp_path_factory.mktemp("synth") / "d", per_class=20, size=24, duplicate_fraction=0.05, progress=False)
+    return generate(
+        tmp_path_factory.mktemp("synth") / "d", per_class=20, size=24, duplicate_fraction=0.05, progress=False
+    )
 
 
 def test_split_is_deterministic_and_seed_dependent(synth_root: Path) -> None:

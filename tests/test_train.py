@@ -39,7 +39,9 @@ def test_ci_run_writes_a_complete_run_directory(env: Path) -> None:
     metrics = read_metrics(run)
     steps = [m for m in metrics if "loss_dino" in m]
     assert len(steps) == result.iteration == run_progress(run)[1]
-    assert {"loss_dino", "loss_ibot", "loss_koleo", "teacher_entropy", "teacher_kl_uniform", "lr", "momentum"} <= steps[0].keys()
+    assert {"loss_dino", "loss_ibot", "loss_koleo", "teacher_entropy", "teacher_kl_uniform", "lr", "momentum"} <= steps[
+        0
+    ].keys()
     assert any("knn_top1" in m for m in metrics)
     info = json.loads((run / "run_info.json").read_text())
     assert len(info["split_sha256"]) == 64

@@ -209,9 +209,7 @@ def read_folders(root: Path) -> HarData:
     base = root / "train" if _class_dirs(root / "train") else root
     class_dirs = [d for d in _class_dirs(base) if d.name != "test"]
     classes = [d.name for d in class_dirs]
-    labeled = [
-        Record(str(p.relative_to(root)), i, str(p)) for i, d in enumerate(class_dirs) for p in _images_in(d)
-    ]
+    labeled = [Record(str(p.relative_to(root)), i, str(p)) for i, d in enumerate(class_dirs) for p in _images_in(d)]
     test = root / "test"
     unlabeled = [Record(str(p.relative_to(root)), -1, str(p)) for p in _images_in(test)] if test.is_dir() else []
     return HarData(root, "folders", classes, labeled, unlabeled)

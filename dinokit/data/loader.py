@@ -93,9 +93,7 @@ class EpochSampler(Sampler[int]):
     ``start_iter`` skips the first batches of the epoch without loading them (resume).
     """
 
-    def __init__(
-        self, n: int, global_batch: int, iters: int, seed: int = 0, rank: int = 0, world: int = 1
-    ) -> None:
+    def __init__(self, n: int, global_batch: int, iters: int, seed: int = 0, rank: int = 0, world: int = 1) -> None:
         if global_batch % world:
             raise ValueError(f"global batch {global_batch} is not divisible by {world} processes")
         if iters * global_batch > n:

@@ -1,9 +1,10 @@
 """The embedded default dataset: procedurally drawn people in action poses, made offline.
 
 Each class is a pose (joint angles of a stick figure with thick limbs and a head), jittered per
-image and drawn at a random position, scale, orientation and colour on a cluttered background of
-random shapes and lines. Colour statistics say nothing about the class, so a model has to see the
-figure's shape, which is what self-supervised learning must discover. Written in the Kaggle HAR
+image and drawn at a random position, scale, orientation and colour on a background with a few
+soft random shapes; the figure's brightness contrasts with it. Colour statistics say nothing
+about the class, so a model has to see the figure's shape, which is what self-supervised
+learning must discover. Written in the Kaggle HAR
 layout (``Training_set.csv``, ``train/``, ``Testing_set.csv``, ``test/``) so the real reader is
 used, with a few exact duplicates as HAR has.
 """
@@ -47,35 +48,47 @@ def _random_colour(rng: np.random.Generator) -> tuple[int, int, int]:
     return tuple(int(c) for c in rng.integers(0, 256, 3))
 
 
-def _draw_background(draw: ImageDraw.ImageDraw, size: int, rng: np.random.Generator) -> None:
+def _draw_background(img: Image.Image, rng: np.random.Generator) -> None:
+    """A colour gradient with a few soft shapes: clutter that is visible but weaker than the figure."""
+    size = img.width
+    draw = ImageDraw.Draw(img)
     top, bottom = np.array(_random_colour(rng)), np.array(_random_colour(rng))
     for y in range(size):
         t = y / max(size - 1, 1)
         draw.line([(0, y), (size, y)], fill=tuple(int(c) for c in (1 - t) * top + t * bottom))
-    for _ in range(rng.integers(4, 10)):
-        kind = rng.integers(0, 3)
+    clutter = Image.new("RGB", img.size)
+    mask = Image.new("L", img.size, 0)
+    cd, md = ImageDraw.Draw(clutter), ImageDraw.Draw(mask)
+    for _ in range(rng.integers(2, 6)):
         x0, y0 = rng.uniform(-0.2, 1.0, 2) * size
-        w, h = rng.uniform(0.08, 0.45, 2) * size
-        colour = _random_colour(rng)
-        if kind == 0:
-            draw.rectangle([x0, y0, x0 + w, y0 + h], fill=colour)
-        elif kind == 1:
-            draw.ellipse([x0, y0, x0 + w, y0 + h], fill=colour)
-        else:
-            draw.line([(x0, y0), (x0 + w, y0 + h)], fill=colour, width=max(1, int(rng.uniform(0.01, 0.03) * size)))
+        w, h = rng.uniform(0.1, 0.5, 2) * size
+        box = [x0, y0, x0 + w, y0 + h]
+        shape = cd.rectangle if rng.random() < 0.5 else cd.ellipse
+        shape(box, fill=_random_colour(rng))
+        (md.rectangle if shape == cd.rectangle else md.ellipse)(box, fill=int(rng.uniform(90, 160)))
+    img.paste(clutter, mask=mask)
+
+
+def _contrasting_colour(background: Image.Image, rng: np.random.Generator) -> tuple[int, int, int]:
+    """A random hue whose brightness is far from the background's, so the figure stands out."""
+    luminance = float(np.asarray(background.convert("L"), dtype=np.float32).mean())
+    colour = rng.integers(0, 256, 3).astype(float)
+    target = rng.uniform(0, 70) if luminance > 128 else rng.uniform(185, 255)
+    colour += target - colour.mean()
+    return tuple(int(c) for c in np.clip(colour, 0, 255))
 
 
 def draw_person(pose: str, size: int, rng: np.random.Generator, scale: int = 2) -> Image.Image:
     """Draw one image of class ``pose`` (rendered at ``scale``x then downsampled: anti-aliasing)."""
     big = size * scale
     img = Image.new("RGB", (big, big))
+    _draw_background(img, rng)
     draw = ImageDraw.Draw(img)
-    _draw_background(draw, big, rng)
     angles = {k: v + rng.normal(0, 10) for k, v in POSES[pose].items()}
     facing = 1 if rng.random() < 0.5 else -1
-    height = rng.uniform(0.45, 0.8) * big
+    height = rng.uniform(0.6, 0.85) * big
     torso, upper, lower, head = 0.3 * height, 0.17 * height, 0.16 * height, 0.075 * height
-    width = max(2, int(rng.uniform(0.05, 0.075) * height))
+    width = max(2, int(rng.uniform(0.07, 0.1) * height))
     rot = math.radians(angles.pop("body", 0.0) * facing)
     c, s = math.cos(rot), math.sin(rot)
 
@@ -102,7 +115,7 @@ def draw_person(pose: str, size: int, rng: np.random.Generator, scale: int = 2) 
     extent = hi - lo
     offset = np.array([rng.uniform(0, max(big - e, 0)) for e in extent]) - lo
     placed = rotated + offset
-    colour = _random_colour(rng)
+    colour = _contrasting_colour(img, rng)
     for i in range(len(lines)):
         a, b = placed[2 * i], placed[2 * i + 1]
         draw.line([tuple(a), tuple(b)], fill=colour, width=width)

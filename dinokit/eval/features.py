@@ -83,9 +83,7 @@ def extract_features(
     """
     was_training = backbone.training
     backbone.eval()
-    loader = DataLoader(
-        EvalDataset(records, size), batch_size=batch_size, num_workers=num_workers, collate_fn=_collate
-    )
+    loader = DataLoader(EvalDataset(records, size), batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
     feats: dict[str, list[torch.Tensor]] = {k: [] for k in kinds}
     labels, indices, problems = [], [], ProblemLog()
     for images, labs, idx, bad in tqdm(loader, desc=desc, disable=not progress, leave=False):

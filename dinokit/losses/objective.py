@@ -35,7 +35,11 @@ class DINOv2Objective(nn.Module):
         return targets
 
     def forward(
-        self, student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor], masks: torch.Tensor, teacher_temp: float
+        self,
+        student: dict[str, torch.Tensor],
+        teacher: dict[str, torch.Tensor],
+        masks: torch.Tensor,
+        teacher_temp: float,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.cfg
         t_global = self._targets(teacher["dino_global"], teacher_temp, self.dino_center)

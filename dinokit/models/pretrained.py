@@ -66,7 +66,9 @@ def load_timm_vit_weights(model: VisionTransformer, state: dict[str, torch.Tenso
     n_patches = pos.shape[1] - 1
     old = int(round(n_patches**0.5))
     if (old, old) != tuple(model.grid):
-        state["pos_embed"] = resample_abs_pos_embed(pos, new_size=list(model.grid), old_size=[old, old], num_prefix_tokens=1)
+        state["pos_embed"] = resample_abs_pos_embed(
+            pos, new_size=list(model.grid), old_size=[old, old], num_prefix_tokens=1
+        )
     if model.reg_token is None:
         state.pop("reg_token", None)
     own = model.state_dict()

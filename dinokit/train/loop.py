@@ -7,6 +7,7 @@ optimizer, schedules, resume, checkpoints, logging, signals and the kNN monitor.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
@@ -90,13 +91,15 @@ def train_step(
     return loss, logs
 
 
-def _resolve_root(cfg: Config) -> Path:
+def resolve_data_root(cfg: Config) -> Path:
+    """``data.root``, else ``DINOKIT_DATA``, else the embedded dataset (generated on first use)."""
     if cfg.data.root:
         return Path(cfg.data.root)
-    default = paths.default_data_root()
-    if default == paths.embedded_dataset_dir():
-        ensure_embedded(default, cfg.data.synth_per_class, cfg.data.synth_size)
-    return default
+    har = paths.har_root()
+    if har is not None:
+        return har
+    n, size = cfg.data.synth_per_class, cfg.data.synth_size
+    return ensure_embedded(paths.embedded_dataset_dir(n, size), n, size)
 
 
 def _setup_logging(run_dir: Path, is_main: bool) -> None:
@@ -114,7 +117,7 @@ def _setup_logging(run_dir: Path, is_main: bool) -> None:
 
 
 def prepare_split(cfg: Config, progress: bool = True) -> Split:
-    data = load_dataset(_resolve_root(cfg))
+    data = load_dataset(resolve_data_root(cfg))
     data.problems.warn_once(f"reading {data.root}")
     return make_split(data, cfg.data.val_fraction, cfg.data.split_seed, progress=progress)
 
@@ -139,10 +142,8 @@ class _StopFlag:
 
     def __enter__(self) -> _StopFlag:
         for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
+            with contextlib.suppress(ValueError):  # not the main thread: no signal handling
                 self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. inside some notebook runners)
-                pass
         return self
 
     def _handle(self, signum, frame) -> None:
@@ -337,7 +338,12 @@ def pretrain(cfg: Config, out_dir: str | Path | None = None, resume: bool = Fals
                 if end_of_epoch and (epoch_done % cfg.train.knn_every_epochs == 0 or it == total_iters):
                     if dist_info.is_main:
                         acc = knn_monitor(teacher.backbone, split, cfg, device)
-                        record = {"iteration": it, "epoch": epoch_done, "knn_top1": acc["top1"], "knn_top5": acc["top5"]}
+                        record = {
+                            "iteration": it,
+                            "epoch": epoch_done,
+                            "knn_top1": acc["top1"],
+                            "knn_top5": acc["top5"],
+                        }
                         metrics_file.write(json.dumps(record) + "\n")
                         metrics_file.flush()
                         save_atomic(teacher.backbone.state_dict(), run_dir / "snapshots" / f"teacher_{it:07d}.pt")
@@ -381,4 +387,3 @@ def _truncate_metrics(path: Path, start_iter: int) -> None:
         except json.JSONDecodeError:
             continue
     path.write_text("".join(f"{line}\n" for line in keep))
-

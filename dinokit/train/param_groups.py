@@ -23,7 +23,9 @@ def layer_id(name: str, depth: int) -> int:
     return depth + 1
 
 
-def build_param_groups(model: nn.Module, depth: int, layerwise_decay: float = 1.0, patch_embed_lr_mult: float = 1.0) -> list[dict]:
+def build_param_groups(
+    model: nn.Module, depth: int, layerwise_decay: float = 1.0, patch_embed_lr_mult: float = 1.0
+) -> list[dict]:
     groups: dict[tuple, dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:

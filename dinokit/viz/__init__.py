@@ -1,0 +1,1 @@
+"""Figures: every plot reads saved results (metrics logs, eval JSON), never trains."""

@@ -1,0 +1,149 @@
+"""Matplotlib figures for the notebooks and the report; each takes data, returns a Figure."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from dinokit.data.crops import denormalize
+
+
+def class_histogram(counts: Mapping[str, int], title: str = "images per class") -> Figure:
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(counts)), 3.2))
+    names = [n for n, c in counts.items() if c]
+    ax.bar(range(len(names)), [counts[n] for n in names], color="tab:blue")
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right")
+    ax.set_ylabel("images")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def image_grid(images: Sequence, titles: Sequence[str] | None = None, ncols: int = 8, size: float = 1.4) -> Figure:
+    """PIL images or CHW tensors (normalised tensors are shown as the model sees them)."""
+    nrows = max(1, int(np.ceil(len(images) / ncols)))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * size, nrows * size), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, img in enumerate(images):
+        ax = axes.flat[i]
+        if isinstance(img, torch.Tensor):
+            img = denormalize(img).permute(1, 2, 0).numpy()
+        ax.imshow(img)
+        if titles is not None:
+            ax.set_title(titles[i], fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def size_distribution(sizes: Sequence[tuple[int, int]]) -> Figure:
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    w, h = np.array(sizes).T if len(sizes) else (np.array([]), np.array([]))
+    ax.scatter(w, h, s=6, alpha=0.4)
+    ax.set_xlabel("width (px)")
+    ax.set_ylabel("height (px)")
+    ax.set_title(f"image sizes ({len(sizes)} images)")
+    fig.tight_layout()
+    return fig
+
+
+def crops_figure(views: Mapping[str, Sequence[torch.Tensor]]) -> Figure:
+    """The 2 global and N local crops of one image, each at its own resolution."""
+    n_global, n_local = len(views["global"]), len(views["local"])
+    fig = plt.figure(figsize=(2.2 * n_global + 1.2 * n_local, 2.6))
+    widths = [2.0] * n_global + [1.0] * n_local
+    grid = fig.add_gridspec(1, n_global + n_local, width_ratios=widths)
+    for i, view in enumerate(list(views["global"]) + list(views["local"])):
+        ax = fig.add_subplot(grid[0, i])
+        ax.imshow(denormalize(view).permute(1, 2, 0).numpy())
+        kind = "global" if i < n_global else "local"
+        ax.set_title(f"{kind} {view.shape[-1]}px", fontsize=8)
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def masks_figure(masks: torch.Tensor, grid: tuple[int, int], ncols: int = 8) -> Figure:
+    n = masks.shape[0]
+    nrows = int(np.ceil(n / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * 1.2, nrows * 1.35), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i in range(n):
+        m = masks[i].reshape(grid).float().numpy()
+        axes.flat[i].imshow(m, cmap="gray_r", vmin=0, vmax=1)
+        axes.flat[i].set_title(f"{100 * m.mean():.0f}%", fontsize=7)
+    fig.suptitle("iBOT masks (black: masked patches)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def _series(metrics: Sequence[Mapping], key: str) -> tuple[np.ndarray, np.ndarray]:
+    rows = [(m["iteration"], m[key]) for m in metrics if key in m]
+    if not rows:
+        return np.array([]), np.array([])
+    x, y = np.array(rows, dtype=float).T
+    return x, y
+
+
+def training_curves(metrics: Sequence[Mapping]) -> Figure:
+    """Loss terms, collapse monitor, schedules and kNN accuracy of one run, from metrics.jsonl."""
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.4))
+    for key in ("loss_dino", "loss_ibot", "loss_koleo"):
+        x, y = _series(metrics, key)
+        if len(x):
+            axes[0].plot(x, y, label=key.removeprefix("loss_"))
+    axes[0].set_title("loss terms")
+    axes[0].legend(fontsize=8)
+    for key, label in (("teacher_entropy", "entropy of targets"), ("teacher_kl_uniform", "KL(mean target ‖ uniform)")):
+        x, y = _series(metrics, key)
+        axes[1].plot(x, y, label=label)
+    axes[1].set_title("collapse monitor (nats)")
+    axes[1].legend(fontsize=8)
+    x, lr = _series(metrics, "lr")
+    axes[2].plot(x, lr, color="tab:red", label="lr")
+    axes[2].set_ylabel("lr", color="tab:red")
+    twin = axes[2].twinx()
+    xm, m = _series(metrics, "momentum")
+    twin.plot(xm, m, color="tab:green", label="teacher momentum")
+    twin.set_ylabel("teacher momentum", color="tab:green")
+    axes[2].set_title("schedules")
+    xk, k = _series(metrics, "knn_top1")
+    axes[3].plot(xk, k, marker="o", label="pre-trained teacher")
+    axes[3].set_title("kNN top-1 on the held-out split (%)")
+    for ax in axes:
+        ax.set_xlabel("iteration")
+    fig.tight_layout()
+    return fig
+
+
+def knn_curve(metrics: Sequence[Mapping], baselines: Mapping[str, float] | None = None) -> Figure:
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    x, y = _series(metrics, "knn_top1")
+    ax.plot(x, y, marker="o", label="pre-trained teacher")
+    for i, (name, value) in enumerate((baselines or {}).items()):
+        ax.axhline(value, linestyle="--", color=f"C{i + 1}", label=name)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("kNN top-1 (%)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def toy_histories(histories: Mapping[str, Mapping[str, Sequence[float]]], log_k: float) -> Figure:
+    """Entropy and KL-to-uniform over training for several toy DINO settings."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
+    for name, hist in histories.items():
+        axes[0].plot(hist["entropy"], label=name)
+        axes[1].plot(hist["kl_uniform"], label=name)
+    for ax, title in zip(axes, ("entropy of teacher targets", "KL(mean target ‖ uniform)"), strict=True):
+        ax.axhline(log_k, color="gray", linestyle=":", label="log K")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
