@@ -59,7 +59,34 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from dinokit.demo import run_demo
 
     results = run_demo(args.preset, args.out, args.set)
-    return 0 if "pretrained" in results else 1
+    return 0 if results["status"] == "finished" else 1
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from dinokit.bench import PRESETS, format_table, run_bench, save_records
+
+    cases = PRESETS[args.preset]
+    if args.modes:
+        for case in cases:
+            case.modes = tuple(m for m in case.modes if m in args.modes)
+    records = run_bench(cases, backends=args.backends, warmup=args.warmup, repeats=args.repeats)
+    print(format_table(records))
+    out = save_records(records, args.out or paths.report_dir() / "bench" / f"{args.preset}.json")
+    print(f"\nwrote {out}")
+    return 0 if all(r.status in ("ok", "oom") for r in records) else 1
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from dinokit.eval.run_eval import evaluate_run, results_table
+
+    metrics = evaluate_run(args.run_dir, args.data, args.which, baselines=not args.no_baselines)
+    print(results_table(metrics))
+    print(
+        f"\nlinear probe: {metrics['linear']['feature']} features, lr {metrics['linear']['lr']:g}; "
+        f"evaluation took {metrics['seconds']:.0f} s"
+    )
+    print(f"wrote {Path(args.run_dir) / 'eval'}/{{metrics.json, per_class.csv, confusion.npy, predictions.csv}}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,6 +128,25 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
     pretrain.set_defaults(func=_cmd_pretrain)
 
+    evaluate = sub.add_parser("eval", help="kNN + linear probe of a run, with baselines, on the held-out split")
+    evaluate.add_argument("run_dir")
+    evaluate.add_argument("--data", help="data root (default: the one the run was trained on)")
+    evaluate.add_argument("--which", default="teacher", choices=["teacher", "student"])
+    evaluate.add_argument("--no-baselines", action="store_true", help="skip random-init and pixel baselines")
+    evaluate.set_defaults(func=_cmd_eval)
+
+    from dinokit.bench import MODES
+    from dinokit.bench import PRESETS as BENCH_PRESETS
+
+    bench = sub.add_parser("bench", help="FlashAttention on vs off: inference and training speed, memory")
+    bench.add_argument("--preset", default="cpu-quick", choices=list(BENCH_PRESETS))
+    bench.add_argument("--backends", nargs="*", help="default: naive, sdpa (+ sdpa-efficient, flash-attn on CUDA)")
+    bench.add_argument("--modes", nargs="*", choices=MODES, help="default: each case's modes")
+    bench.add_argument("--warmup", type=int, default=1)
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--out", help="JSON path (default: report/bench/<preset>.json)")
+    bench.set_defaults(func=_cmd_bench)
+
     demo = sub.add_parser("demo", help="the whole story on the embedded dataset (resumable)")
     demo.add_argument("--preset", default="cpu-demo", choices=["default", *PRESETS])
     demo.add_argument("--out", help="run directory (default: runs/<preset>)")
@@ -113,10 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     from dinokit.data.har import DatasetError
+    from dinokit.eval.run_eval import EvalError
 
     try:
         return args.func(args)
-    except (DatasetError, KeyError, ValueError, FileNotFoundError, FileExistsError) as exc:
+    except (DatasetError, EvalError, KeyError, ValueError, FileNotFoundError, FileExistsError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"dinokit: error: {message}", file=sys.stderr)
         return 2

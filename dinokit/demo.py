@@ -1,7 +1,8 @@
 """``make demo`` / ``dinokit demo``: the whole story on the embedded dataset, resumable.
 
 Each step is skipped when its result is already on disk, so re-running after an interruption
-continues where it stopped: data -> pre-training -> kNN of pre-trained vs random-init features.
+continues where it stopped: data -> pre-training -> evaluation (kNN and linear probe of the
+pre-trained teacher against a random network of the same shape and raw pixels).
 """
 
 from __future__ import annotations
@@ -11,13 +12,11 @@ import logging
 import time
 from pathlib import Path
 
-import torch
-
 from dinokit import paths
 from dinokit.config import make_config
-from dinokit.eval.baselines import random_init_backbone
-from dinokit.train.loop import knn_monitor, prepare_split, pretrain
-from dinokit.train.run_dir import load_backbone, run_config, run_progress
+from dinokit.eval.run_eval import evaluate_run, results_table
+from dinokit.train.loop import prepare_split, pretrain
+from dinokit.train.run_dir import run_progress
 
 log = logging.getLogger("dinokit.demo")
 
@@ -48,22 +47,12 @@ def run_demo(preset: str = "cpu-demo", out_dir: str | Path | None = None, overri
             return {"status": result.status, "run_dir": str(run_dir)}
     timings["pretrain_s"] = time.perf_counter() - start
 
-    start = _step("3/3 kNN on the held-out split: pre-trained teacher vs random init")
-    cfg = run_config(run_dir)
-    device = torch.device("cpu")
-    results = {
-        "pretrained": knn_monitor(load_backbone(run_dir), split, cfg, device),
-        "random_init": knn_monitor(random_init_backbone(cfg), split, cfg, device),
-        "chance": 100.0 / len(split.classes),
-        "split_sha256": split.sha256,
-    }
-    timings["knn_s"] = time.perf_counter() - start
-    results["timings"] = timings
-    (run_dir / "eval").mkdir(exist_ok=True)
-    (run_dir / "eval" / "knn_demo.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(f"{'features':<14}{'kNN top-1':>10}{'top-5':>8}")
-    for name in ("pretrained", "random_init"):
-        print(f"{name:<14}{results[name]['top1']:>9.1f}%{results[name]['top5']:>7.1f}%")
-    print(f"{'chance':<14}{results['chance']:>9.1f}%")
-    print(f"\nresults in {run_dir} (metrics.jsonl, eval/knn_demo.json, train.log)")
-    return results
+    start = _step("3/3 evaluation on the held-out split: pre-trained vs random init vs pixels")
+    metrics = evaluate_run(run_dir)
+    timings["eval_s"] = time.perf_counter() - start
+    print(results_table(metrics))
+    summary = {"status": "finished", "run_dir": str(run_dir), "metrics": metrics, "timings": timings}
+    (run_dir / "demo_summary.json").write_text(json.dumps({"timings": timings}, indent=2) + "\n")
+    print("\ntimings: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+    print(f"results in {run_dir}: metrics.jsonl, train.log, eval/metrics.json, eval/predictions.csv")
+    return summary

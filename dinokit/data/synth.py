@@ -1,12 +1,13 @@
 """The embedded default dataset: procedurally drawn people in action poses, made offline.
 
 Each class is a pose (joint angles of a stick figure with thick limbs and a head), jittered per
-image and drawn at a random position, scale, orientation and colour on a background with a few
-soft random shapes; the figure's brightness contrasts with it. Colour statistics say nothing
-about the class, so a model has to see the figure's shape, which is what self-supervised
-learning must discover. Written in the Kaggle HAR
-layout (``Training_set.csv``, ``train/``, ``Testing_set.csv``, ``test/``) so the real reader is
-used, with a few exact duplicates as HAR has.
+image and drawn at a random position, scale, orientation and brightness on a background with a few
+soft random shapes; the figure's brightness contrasts with it. Colours come from a small shared
+palette at low saturation, so colour neither tells the class nor identifies an image (two crops
+of one image cannot be matched by colour alone, a shortcut for self-supervised learning). A
+model has to see the figure's shape, which is what self-supervised learning must discover.
+Written in the Kaggle HAR layout (``Training_set.csv``, ``train/``, ``Testing_set.csv``,
+``test/``) so the real reader is used, with a few exact duplicates as HAR has.
 """
 
 from __future__ import annotations
@@ -44,8 +45,15 @@ def _vec(angle_deg: float) -> np.ndarray:
     return np.array([math.sin(a), math.cos(a)])
 
 
+# A small shared palette at low saturation: colour must not identify an image, or two crops of
+# one image can be matched by their colours alone (a shortcut that teaches nothing about pose).
+PALETTE = [(110, 110, 110), (128, 118, 100), (100, 112, 128), (118, 128, 108), (126, 106, 118), (96, 120, 120)]
+
+
 def _random_colour(rng: np.random.Generator) -> tuple[int, int, int]:
-    return tuple(int(c) for c in rng.integers(0, 256, 3))
+    """A palette colour at a random brightness (brightness is what colour jitter changes most)."""
+    base = np.array(PALETTE[rng.integers(len(PALETTE))], dtype=float)
+    return tuple(int(c) for c in np.clip(base * rng.uniform(0.5, 1.8), 0, 255))
 
 
 def _draw_background(img: Image.Image, rng: np.random.Generator) -> None:
@@ -70,12 +78,11 @@ def _draw_background(img: Image.Image, rng: np.random.Generator) -> None:
 
 
 def _contrasting_colour(background: Image.Image, rng: np.random.Generator) -> tuple[int, int, int]:
-    """A random hue whose brightness is far from the background's, so the figure stands out."""
+    """A palette colour whose brightness is far from the background's, so the figure stands out."""
     luminance = float(np.asarray(background.convert("L"), dtype=np.float32).mean())
-    colour = rng.integers(0, 256, 3).astype(float)
-    target = rng.uniform(0, 70) if luminance > 128 else rng.uniform(185, 255)
-    colour += target - colour.mean()
-    return tuple(int(c) for c in np.clip(colour, 0, 255))
+    colour = np.array(PALETTE[rng.integers(len(PALETTE))], dtype=float)
+    target = rng.uniform(10, 60) if luminance > 128 else rng.uniform(190, 245)
+    return tuple(int(c) for c in np.clip(colour * target / colour.mean(), 0, 255))
 
 
 def draw_person(pose: str, size: int, rng: np.random.Generator, scale: int = 2) -> Image.Image:

@@ -147,3 +147,51 @@ def toy_histories(histories: Mapping[str, Mapping[str, Sequence[float]]], log_k:
         ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def speedup_vs_tokens(rows: Sequence[Mapping], title: str = "FlashAttention speed-up over naive attention") -> Figure:
+    """Speed-up (and memory ratio where measured) against the number of tokens, per mode."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    modes = sorted({r.get("mode", "attention op") for r in rows})
+    for mode in modes:
+        pts = sorted(
+            (r["tokens"], r["speedup"], r.get("memory_ratio"))
+            for r in rows
+            if r.get("mode", "attention op") == mode and r.get("speedup") and r.get("backend", "sdpa") != "naive"
+        )
+        if not pts:
+            continue
+        x = [p[0] for p in pts]
+        axes[0].plot(x, [p[1] for p in pts], marker="o", label=mode)
+        mem = [(p[0], p[2]) for p in pts if p[2]]
+        if mem:
+            axes[1].plot([m[0] for m in mem], [m[1] for m in mem], marker="o", label=mode)
+    axes[0].axhline(1.0, color="gray", linestyle=":")
+    axes[0].set_ylabel("speed-up (x)")
+    axes[1].set_ylabel("peak memory, on / off")
+    for ax in axes:
+        ax.set_xlabel("tokens per image")
+        ax.set_xscale("log")
+        ax.legend(fontsize=8)
+    axes[0].set_title(title, fontsize=10)
+    axes[1].set_title("memory ratio (CPU: process peak RSS, an upper bound)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def per_class_and_confusion(per_class, confusion: np.ndarray, classes: Sequence[str]) -> Figure:
+    """Held-out accuracy per class (bars) and the row-normalised confusion matrix."""
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw={"width_ratios": [1, 1.3]})
+    axes[0].barh(list(per_class["class"]), list(per_class["accuracy"]), color="tab:blue")
+    axes[0].invert_yaxis()
+    axes[0].set_xlabel("held-out accuracy (%)")
+    rows = confusion.sum(1, keepdims=True)
+    normalised = np.divide(confusion, rows, out=np.zeros_like(confusion, dtype=float), where=rows > 0)
+    ConfusionMatrixDisplay(normalised, display_labels=list(classes)).plot(
+        ax=axes[1], cmap="Blues", colorbar=False, values_format=".2f", xticks_rotation=60
+    )
+    axes[1].set_title("confusion (rows: true class, normalised)")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The FlashAttention speed study on one GPU, in one go (about 5 minutes on an H100).
+# Writes report/bench/gpu-<device>.json, which notebook 05 and the report pick up.
+# Usage: bash benchmarks/gpu_speed_study.sh   (needs torch, torchvision, timm; flash-attn optional)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+name=$(python -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '-'))")
+mkdir -p report/bench
+python -m dinokit bench --preset gpu --warmup 3 --repeats 10 --out "report/bench/gpu-${name}.json" 2>&1 \
+  | tee "report/bench/gpu-${name}.log"

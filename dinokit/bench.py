@@ -1,0 +1,396 @@
+"""``dinokit bench``: FlashAttention on vs off, for inference and training, across sizes.
+
+For each configuration (patch size, image size, batch) and attention backend it measures:
+
+* ``inference``: feature extraction (no grad) images/s and latency;
+* ``backbone``: a bare backbone forward + backward;
+* ``train_step``: the full DINOv2 step (student + teacher, heads, losses, backward, AdamW, EMA).
+
+Every configuration is first checked for correctness (each backend's output against ``naive``),
+timed after warm-up as the median of repeats (CUDA events around synchronised regions on a GPU),
+and an out-of-memory is recorded as ``status="oom"``, not a crash. Peak memory is CUDA's max
+allocated on a GPU and the process's peak RSS on the CPU (monotonic: read it as an upper bound).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from dinokit.config import make_config
+from dinokit.losses.objective import DINOv2Objective
+from dinokit.models.attention import BACKENDS, flash_attn_available
+from dinokit.models.ssl import build_ssl_model
+from dinokit.models.vit import build_vit
+from dinokit.train.loop import train_step
+from dinokit.train.param_groups import build_param_groups
+from dinokit.train.precision import grad_scaler
+from dinokit.train.teacher import build_teacher
+
+MODES = ("inference", "backbone", "train_step")
+
+
+@dataclass
+class BenchCase:
+    arch: str = "vit_small"
+    patch: int = 8
+    img_size: int = 224
+    batch: int = 8
+    dtype: str = "fp32"  # fp32 | bf16 | fp16 (autocast)
+    modes: tuple[str, ...] = MODES
+    local_size: int = 0  # train_step: local crop size (0: img_size * 96 / 224)
+    n_local: int = 2
+    drop_path: float = 0.0  # training modes: stochastic depth rate
+    efficient_drop_path: bool = True  # DINOv2's subset trick vs timm's DropPath
+
+
+@dataclass
+class BenchRecord:
+    backend: str
+    mode: str
+    arch: str
+    patch: int
+    img_size: int
+    tokens: int
+    batch: int
+    dtype: str
+    device: str
+    torch: str
+    images_per_s: float = 0.0
+    latency_ms: float = 0.0
+    peak_mem_mb: float = 0.0
+    status: str = "ok"
+    max_abs_diff: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+PRESETS: dict[str, list[BenchCase]] = {
+    # Minutes on 2 CPU cores: the assignment's ViT-S/8 at 224 (inference + backbone training),
+    # plus a small image size where attention matters less.
+    "cpu-quick": [
+        BenchCase("vit_small", 8, 96, 8, "fp32"),
+        BenchCase("vit_small", 8, 224, 4, "fp32", modes=("inference", "backbone")),
+    ],
+    "cpu-full": [
+        BenchCase("vit_small", 16, 224, 8, "fp32"),
+        BenchCase("vit_small", 8, 96, 8, "fp32"),
+        BenchCase("vit_small", 8, 224, 4, "fp32"),
+        BenchCase("vit_small", 8, 224, 4, "bf16", modes=("inference",)),
+    ],
+    # One H100: ViT-S/8 at 224 with bf16, larger images where attention dominates.
+    "gpu": [
+        BenchCase("vit_small", 16, 224, 128, "bf16"),
+        BenchCase("vit_small", 8, 96, 128, "bf16"),
+        BenchCase("vit_small", 8, 224, 128, "bf16", n_local=8),
+        BenchCase("vit_small", 8, 448, 32, "bf16", modes=("inference", "backbone")),
+        BenchCase("vit_small", 14, 518, 64, "bf16", modes=("inference", "backbone")),
+        BenchCase("vit_small", 8, 224, 64, "fp32", modes=("inference",)),
+    ],
+}
+
+
+def available_backends(device: torch.device) -> list[str]:
+    out = ["naive", "sdpa"]
+    if device.type == "cuda":
+        out.append("sdpa-efficient")
+        if flash_attn_available():
+            out.append("flash-attn")
+    return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn: Callable[[], None], device: torch.device, warmup: int, repeats: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end) / 1000)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def _peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _autocast(dtype: str, device: torch.device):
+    if dtype == "fp32":
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
+
+
+def _check(case: BenchCase, backends: list[str], device: torch.device) -> dict[str, float]:
+    """Max |difference| of each backend's features against ``naive`` on a small batch."""
+    torch.manual_seed(0)
+    model = build_vit(case.arch, patch_size=case.patch, img_size=case.img_size).to(device).eval()
+    x = torch.randn(2, 3, case.img_size, case.img_size, device=device)
+    out = {}
+    with torch.no_grad(), _autocast(case.dtype, device):
+        model.set_attention_backend("naive")
+        ref = model(x).float()
+        for backend in backends:
+            model.set_attention_backend(backend)
+            out[backend] = float((model(x).float() - ref).abs().max())
+    return out
+
+
+def _runner(case: BenchCase, mode: str, backend: str, device: torch.device) -> Callable[[], None]:
+    torch.manual_seed(0)
+    if mode in ("inference", "backbone"):
+        model = build_vit(
+            case.arch, patch_size=case.patch, img_size=case.img_size, attention=backend,
+            drop_path=case.drop_path, efficient_drop_path=case.efficient_drop_path,
+        ).to(device)  # fmt: skip
+        x = torch.randn(case.batch, 3, case.img_size, case.img_size, device=device)
+        if mode == "inference":
+            model.eval()
+
+            def run() -> None:
+                with torch.no_grad(), _autocast(case.dtype, device):
+                    model(x)
+
+            return run
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def run() -> None:
+            with _autocast(case.dtype, device):
+                loss = model.forward_features(x)["patch"].float().square().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        return run
+    local = case.local_size or max(case.patch, round(case.img_size * 96 / 224 / case.patch) * case.patch)
+    cfg = make_config(
+        "default",
+        {
+            "model.arch": case.arch, "model.patch_size": case.patch, "model.attention": backend,
+            "crops.global_size": case.img_size, "crops.local_size": local, "crops.n_local": case.n_local,
+            "model.drop_path": case.drop_path, "model.efficient_drop_path": case.efficient_drop_path,
+        },
+    )  # fmt: skip
+    student = build_ssl_model(cfg.model, case.img_size).to(device)
+    teacher = build_teacher(student)
+    objective = DINOv2Objective(cfg.loss, cfg.model.head_prototypes).to(device)
+    groups = build_param_groups(student, len(student.backbone.blocks))
+    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups])
+    scaler = grad_scaler(case.dtype, device)
+    n_patches = (case.img_size // case.patch) ** 2
+    masks = torch.zeros(2 * case.batch, n_patches, dtype=torch.bool)
+    masks[: case.batch, : n_patches // 3] = True  # half the global crops, a third of their patches
+    batch = {
+        "global": torch.randn(2 * case.batch, 3, case.img_size, case.img_size),
+        "masks": masks,
+        "size": case.batch,
+    }
+    if case.n_local:
+        batch["local"] = torch.randn(case.n_local * case.batch, 3, local, local)
+    sched = {"lr": 1e-4, "wd": 0.04, "last_layer_lr": 1e-4, "momentum": 0.996, "teacher_temp": 0.04}
+
+    def run() -> None:
+        train_step(student, teacher, objective, optimizer, scaler, batch, sched, case.dtype, device, 3.0)
+
+    return run
+
+
+def timm_reference(case: BenchCase, device: torch.device, warmup: int = 1, repeats: int = 3) -> BenchRecord:
+    """timm's own ViT with its fused attention, same size and input: the bar for ``sdpa`` inference."""
+    import timm
+
+    from dinokit.models.vit import ARCHS
+
+    d, depth, heads = ARCHS[case.arch]
+    model = timm.create_model(
+        "vit_small_patch16_224", pretrained=False, num_classes=0, img_size=case.img_size, patch_size=case.patch,
+        embed_dim=d, depth=depth, num_heads=heads,
+    ).to(device).eval()  # fmt: skip
+    x = torch.randn(case.batch, 3, case.img_size, case.img_size, device=device)
+
+    def run() -> None:
+        with torch.no_grad(), _autocast(case.dtype, device):
+            model(x)
+
+    median = statistics.median(_time(run, device, warmup, repeats))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return BenchRecord(
+        "timm-fused", "inference", case.arch, case.patch, case.img_size, (case.img_size // case.patch) ** 2 + 1,
+        case.batch, case.dtype, name, torch.__version__, case.batch / median, 1000 * median, _peak_mb(device),
+    )  # fmt: skip
+
+
+def run_bench(
+    cases: Iterable[BenchCase],
+    backends: list[str] | None = None,
+    device: str | torch.device | None = None,
+    warmup: int = 1,
+    repeats: int = 3,
+    progress: bool = True,
+    timm_ref: bool = True,
+) -> list[BenchRecord]:
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    backends = backends or available_backends(device)
+    for b in backends:
+        if b not in BACKENDS:
+            raise ValueError(f"unknown backend {b!r}; choose from {BACKENDS}")
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    records: list[BenchRecord] = []
+    cases = list(cases)
+    total = sum(len(c.modes) for c in cases) * len(backends)
+    bar = tqdm(total=total, desc="speed study", disable=not progress)
+    for case in cases:
+        tokens = (case.img_size // case.patch) ** 2 + 1
+        diffs = _check(case, backends, device)
+        for mode in case.modes:
+            for backend in backends:
+                rec = BenchRecord(
+                    backend, mode, case.arch, case.patch, case.img_size, tokens, case.batch, case.dtype,
+                    device_name, torch.__version__, max_abs_diff=diffs[backend],
+                )  # fmt: skip
+                tolerance = 1e-3 if case.dtype == "fp32" else 5e-2
+                if diffs[backend] > tolerance * 10:
+                    rec.status = "mismatch"
+                else:
+                    try:
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
+                            torch.cuda.reset_peak_memory_stats(device)
+                        times = _time(_runner(case, mode, backend, device), device, warmup, repeats)
+                        median = statistics.median(times)
+                        rec.latency_ms = 1000 * median
+                        rec.images_per_s = case.batch / median
+                        rec.peak_mem_mb = _peak_mb(device)
+                    except torch.OutOfMemoryError:
+                        rec.status = "oom"
+                    except RuntimeError as exc:  # e.g. no kernel for this dtype / device
+                        rec.status = f"error: {str(exc).splitlines()[0][:120]}"
+                records.append(rec)
+                bar.update()
+            if mode == "inference" and timm_ref:
+                records.append(timm_reference(case, device, warmup, repeats))
+    bar.close()
+    return records
+
+
+def speedups(records: list[BenchRecord], baseline: str = "naive") -> list[dict]:
+    """One row per (mode, config, backend): images/s and the ratio to the baseline backend."""
+    key = lambda r: (r.mode, r.arch, r.patch, r.img_size, r.batch, r.dtype)  # noqa: E731
+    base = {key(r): r for r in records if r.backend == baseline and r.status == "ok"}
+    rows = []
+    for r in records:
+        b = base.get(key(r))
+        rows.append(
+            {
+                **asdict(r),
+                "speedup": r.images_per_s / b.images_per_s if b and r.status == "ok" else None,
+                "memory_ratio": r.peak_mem_mb / b.peak_mem_mb if b and r.status == "ok" and b.peak_mem_mb else None,
+            }
+        )
+    return rows
+
+
+def format_table(records: list[BenchRecord]) -> str:
+    lines = [
+        f"{'mode':<11}{'model':<14}{'img':>5}{'tok':>6}{'bs':>5}{'dtype':>6}  {'backend':<15}"
+        f"{'img/s':>9}{'ms':>9}{'speed-up':>9}{'mem MB':>9}  status"
+    ]
+    for row in speedups(records):
+        model = f"{row['arch'].replace('vit_', 'ViT-')}/{row['patch']}"
+        speed = f"{row['speedup']:.2f}x" if row["speedup"] else "-"
+        lines.append(
+            f"{row['mode']:<11}{model:<14}{row['img_size']:>5}{row['tokens']:>6}{row['batch']:>5}{row['dtype']:>6}  "
+            f"{row['backend']:<15}{row['images_per_s']:>9.2f}{row['latency_ms']:>9.1f}{speed:>9}"
+            f"{row['peak_mem_mb']:>9.0f}  {row['status']}"
+        )
+    return "\n".join(lines)
+
+
+def save_records(records: list[BenchRecord], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(speedups(records), indent=1) + "\n")
+    return path
+
+
+def load_records(path: str | Path) -> list[dict]:
+    return json.loads(Path(path).read_text())
+
+
+def _naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1), dim=-1) @ v
+
+
+def _flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    from dinokit.models.attention import _sdpa_context
+
+    with _sdpa_context("sdpa", q):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+def attention_op_sweep(
+    token_counts: Iterable[int] = (145, 785, 1601, 3137),
+    heads: int = 6,
+    head_dim: int = 64,
+    batch: int = 1,
+    backward: bool = False,
+    device: str | torch.device | None = None,
+    repeats: int = 3,
+) -> list[dict]:
+    """The attention operation alone (no projections): naive softmax(QK^T)V vs SDPA's flash kernel.
+
+    Token counts default to ViT-S/8 at 96, 224, 320 and 448 px (+ CLS). This is where the N x N
+    matrix lives, so it shows the kernel's effect without the MLPs that dilute it in a full model.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rows = []
+    for n in token_counts:
+        q, k, v = (torch.randn(batch, heads, n, head_dim, device=device, requires_grad=backward) for _ in range(3))
+
+        naive = partial(_naive_attention, q, k, v)
+        flash = partial(_flash_attention, q, k, v)
+
+        row = {"tokens": n, "heads": heads, "head_dim": head_dim, "batch": batch, "backward": backward}
+        with torch.no_grad():
+            row["max_abs_diff"] = float((naive() - flash()).abs().max())
+        for name, fn in (("naive", naive), ("sdpa", flash)):
+
+            def run(fn=fn) -> None:
+                out = fn()
+                if backward:
+                    out.sum().backward()
+
+            if backward:
+                times = _time(run, device, 1, repeats)
+            else:
+                with torch.no_grad():
+                    times = _time(run, device, 1, repeats)
+            row[f"{name}_ms"] = 1000 * statistics.median(times)
+        row["speedup"] = row["naive_ms"] / row["sdpa_ms"]
+        row["attention_matrix_mb"] = batch * heads * n * n * 4 / 2**20
+        rows.append(row)
+    return rows

@@ -1,0 +1,192 @@
+"""``dinokit eval RUN_DIR``: the numbers a report needs, with baselines beside them.
+
+kNN (k = 10, 20, 100, 200) and the linear probe on the run's frozen teacher features, the same
+for a random network of the same architecture and a probe on raw (downsampled) pixels, all on the
+run's own fixed split; predictions for the unlabelled test images in Kaggle's submission format.
+Features are cached in ``RUN_DIR/eval/`` so probes re-run in seconds.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+
+from dinokit.config import Config
+from dinokit.data.har import Record
+from dinokit.data.images import load_rgb
+from dinokit.data.split import Split
+from dinokit.eval.baselines import random_init_backbone
+from dinokit.eval.features import FEATURE_KINDS, extract_features
+from dinokit.eval.knn import knn_accuracy
+from dinokit.eval.linear import linear_probe
+from dinokit.models.vit import VisionTransformer
+from dinokit.train.loop import prepare_split
+from dinokit.train.run_dir import load_backbone, run_config
+
+log = logging.getLogger("dinokit.eval")
+KNN_KS = (10, 20, 100, 200)
+
+
+class EvalError(ValueError):
+    """The run or the data cannot be evaluated; the message says how to fix it."""
+
+
+def _check_split(run_dir: Path, split: Split) -> None:
+    info = run_dir / "run_info.json"
+    if not info.is_file():
+        return
+    expected = json.loads(info.read_text()).get("split_sha256")
+    if expected and expected != split.sha256:
+        raise EvalError(
+            f"the data's split (sha256 {split.sha256[:12]}…) is not the one {run_dir.name} was trained with "
+            f"({expected[:12]}…): evaluate on the same data root (--data) and split settings as the run, "
+            "or held-out images may have been used for pre-training"
+        )
+
+
+def _features(
+    backbone: VisionTransformer, split: Split, cfg: Config, cache: Path | None, kinds=FEATURE_KINDS
+) -> dict[str, dict]:
+    if cache is not None and cache.is_file():
+        return torch.load(cache, weights_only=True)
+    out = {}
+    for part, records in (("train", split.train), ("val", split.val), ("test", split.unlabeled)):
+        feats = extract_features(backbone, records, cfg.crops.eval_size, kinds=kinds, desc=f"features {part}")
+        out[part] = {"features": feats["features"], "labels": feats["labels"], "indices": feats["indices"]}
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(out, cache)
+    return out
+
+
+def _probe_suite(feats: dict, n_classes: int, epochs: int) -> tuple[dict, object]:
+    train, val = feats["train"], feats["val"]
+    knn = {
+        f"k{k}": knn_accuracy(
+            train["features"]["cls"], train["labels"], val["features"]["cls"], val["labels"], n_classes, k
+        )
+        for k in KNN_KS
+    }
+    probe = linear_probe(train["features"], train["labels"], val["features"], val["labels"], n_classes, epochs=epochs)
+    metrics = {
+        "knn": {"top1": knn["k20"]["top1"], "top5": knn["k20"]["top5"], "by_k": knn},
+        "linear": {
+            "top1": probe.top1,
+            "top5": probe.top5,
+            "balanced_accuracy": probe.balanced_accuracy,
+            "feature": probe.feature,
+            "lr": probe.lr,
+            "selection_top1": probe.selection_top1,
+        },
+    }
+    return metrics, probe
+
+
+def pixel_baseline(split: Split, size: int = 16) -> dict:
+    """Logistic regression on raw pixels downsampled to ``size`` x ``size`` (scikit-learn)."""
+
+    def pixels(records: list[Record]) -> np.ndarray:
+        rows = []
+        for rec in records:
+            img = load_rgb(rec.source).resize((size, size))
+            rows.append(np.asarray(img, dtype=np.float32).reshape(-1) / 255.0)
+        return np.stack(rows)
+
+    x_train, x_val = pixels(split.train), pixels(split.val)
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
+    clf = LogisticRegression(max_iter=300, C=0.1)
+    clf.fit((x_train - mean) / std, [r.label for r in split.train])
+    acc = 100.0 * clf.score((x_val - mean) / std, [r.label for r in split.val])
+    return {"linear": {"top1": acc}, "input": f"{size}x{size} RGB pixels"}
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    data_root: str | None = None,
+    which: str = "teacher",
+    probe_epochs: int = 100,
+    baselines: bool = True,
+) -> dict:
+    """Evaluate a run; writes ``RUN_DIR/eval/{metrics.json, per_class.csv, confusion.npy, predictions.csv}``."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "checkpoint.pt").is_file():
+        raise EvalError(f"{run_dir} has no checkpoint.pt: train it first (`dinokit pretrain --out {run_dir}`)")
+    cfg = run_config(run_dir)
+    if data_root:
+        cfg.data.root = data_root
+    start = time.perf_counter()
+    split = prepare_split(cfg, progress=False)
+    if len({r.label for r in split.val}) < 2:
+        raise EvalError(f"{cfg.data.root or 'the data root'} has fewer than 2 labelled classes: nothing to classify")
+    _check_split(run_dir, split)
+    try:
+        backbone = load_backbone(run_dir, which)
+    except RuntimeError as exc:
+        raise EvalError(
+            f"the checkpoint in {run_dir} does not fit the architecture in its config.json ({str(exc)[:200]}); "
+            "was config.json edited or copied from another run?"
+        ) from exc
+    out_dir = run_dir / "eval"
+    n_classes = len(split.classes)
+    feats = _features(backbone, split, cfg, out_dir / f"features_{which}_{split.sha256[:12]}.pt")
+    metrics, probe = _probe_suite(feats, n_classes, probe_epochs)
+    metrics.update({"run": str(run_dir), "which": which, "split_sha256": split.sha256, "classes": split.classes})
+    metrics["chance"] = 100.0 / n_classes
+    if baselines:
+        random_feats = _features(
+            random_init_backbone(cfg), split, cfg, out_dir / f"features_random_{split.sha256[:12]}.pt"
+        )
+        metrics["baselines"] = {"random_init": _probe_suite(random_feats, n_classes, probe_epochs)[0]}
+        metrics["baselines"]["pixels"] = pixel_baseline(split)
+    metrics["seconds"] = time.perf_counter() - start
+    _write_outputs(out_dir, metrics, probe, split, feats)
+    return metrics
+
+
+def _write_outputs(out_dir: Path, metrics: dict, probe, split: Split, feats: dict) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    np.save(out_dir / "confusion.npy", probe.confusion)
+    with (out_dir / "per_class.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["class", "images", "accuracy"])
+        for c, name in enumerate(split.classes):
+            writer.writerow([name, int(probe.confusion[c].sum()), f"{probe.per_class[c]:.2f}"])
+    val_idx = feats["val"]["indices"].tolist()
+    with (out_dir / "val_predictions.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["filename", "label", "predicted"])
+        for i, pred in zip(val_idx, probe.predictions, strict=True):
+            rec = split.val[i]
+            writer.writerow([rec.name, split.classes[rec.label], split.classes[int(pred)]])
+    test = feats["test"]
+    with (out_dir / "predictions.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["filename", "label"])  # Kaggle's submission format
+        if len(test["indices"]):
+            preds = probe.predict(test["features"][probe.feature]).argmax(-1).tolist()
+            for i, pred in zip(test["indices"].tolist(), preds, strict=True):
+                writer.writerow([Path(split.unlabeled[i].name).name, split.classes[pred]])
+
+
+def results_table(metrics: dict) -> str:
+    rows = [("pre-trained " + metrics.get("which", "teacher"), metrics)]
+    base = metrics.get("baselines", {})
+    if "random_init" in base:
+        rows.append(("random init (same arch)", base["random_init"]))
+    lines = [f"{'features':<26}{'kNN top-1':>10}{'linear top-1':>14}{'balanced':>10}"]
+    for name, m in rows:
+        lines.append(
+            f"{name:<26}{m['knn']['top1']:>9.1f}%{m['linear']['top1']:>13.1f}%{m['linear']['balanced_accuracy']:>9.1f}%"
+        )
+    if "pixels" in base:
+        lines.append(f"{'raw pixels 16x16':<26}{'-':>10}{base['pixels']['linear']['top1']:>13.1f}%{'-':>10}")
+    lines.append(f"{'chance':<26}{metrics['chance']:>9.1f}%{metrics['chance']:>13.1f}%")
+    return "\n".join(lines)

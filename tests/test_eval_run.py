@@ -1,0 +1,72 @@
+"""``dinokit eval`` on a tiny trained run: outputs, baselines and clear errors."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dinokit.cli import main
+from dinokit.config import make_config
+from dinokit.eval.run_eval import EvalError, evaluate_run
+from dinokit.train.loop import pretrain
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("evalrun")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DINOKIT_DATA_DIR", str(tmp / "data"))
+    mp.delenv("DINOKIT_DATA", raising=False)
+    pretrain(make_config("ci", {"train.max_iters": 4}), out_dir=tmp / "run")
+    yield tmp / "run"
+    mp.undo()
+
+
+def test_eval_writes_metrics_and_baselines(trained: Path, capsys) -> None:
+    assert main(["eval", str(trained)]) == 0
+    metrics = json.loads((trained / "eval" / "metrics.json").read_text())
+    for key in ("knn", "linear"):
+        assert 0 <= metrics[key]["top1"] <= 100
+    base = metrics["baselines"]
+    assert 0 <= base["random_init"]["knn"]["top1"] <= 100 and 0 <= base["random_init"]["linear"]["top1"] <= 100
+    assert 0 <= base["pixels"]["linear"]["top1"] <= 100
+    assert set(metrics["knn"]["by_k"]) == {"k10", "k20", "k100", "k200"}
+    rows = list(csv.DictReader((trained / "eval" / "per_class.csv").open()))
+    assert len(rows) == len(metrics["classes"])
+    preds = list(csv.DictReader((trained / "eval" / "predictions.csv").open()))
+    assert preds and set(preds[0]) == {"filename", "label"} and preds[0]["label"] in metrics["classes"]
+    out = capsys.readouterr().out
+    assert "random init" in out and "raw pixels" in out and "chance" in out
+
+
+def test_eval_errors_name_the_fix(trained: Path, tmp_path: Path) -> None:
+    with pytest.raises(EvalError, match="no checkpoint"):
+        evaluate_run(tmp_path)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("checkpoint.pt", "run_info.json"):
+        (broken / name).write_bytes((trained / name).read_bytes())
+    cfg = json.loads((trained / "config.json").read_text())
+    cfg["model"]["embed_dim"] = 64
+    (broken / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(EvalError, match="does not fit the architecture"):
+        evaluate_run(broken, baselines=False)
+    mismatched = tmp_path / "mismatch"
+    mismatched.mkdir()
+    for name in ("checkpoint.pt", "config.json"):
+        (mismatched / name).write_bytes((trained / name).read_bytes())
+    info = json.loads((trained / "run_info.json").read_text())
+    info["split_sha256"] = "0" * 64
+    (mismatched / "run_info.json").write_text(json.dumps(info))
+    with pytest.raises(EvalError, match="not the one"):
+        evaluate_run(mismatched, baselines=False)
+
+
+def test_eval_features_are_cached(trained: Path) -> None:
+    evaluate_run(trained, baselines=False)
+    cached = list((trained / "eval").glob("features_teacher_*.pt"))
+    assert len(cached) == 1
+    data = torch.load(cached[0], weights_only=True)
+    assert {"train", "val", "test"} <= data.keys()
