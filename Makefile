@@ -7,10 +7,10 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.install-stamp
 export DINOKIT_PROFILE ?= cpu-demo
 
-.PHONY: setup demo test lint lab pretrain clean help
+.PHONY: setup demo test lint lab pretrain bench report video clean help
 
 help:
-	@echo "make demo | test | lint | lab | pretrain | clean"
+	@echo "make demo | test | lint | lab | pretrain | bench | report | video | clean"
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,15 @@ demo: $(STAMP)
 
 pretrain: $(STAMP)
 	$(BIN)/dinokit pretrain --preset $(DINOKIT_PROFILE)
+
+bench: $(STAMP)
+	$(BIN)/dinokit bench --preset cpu-quick
+
+report: $(STAMP)
+	$(BIN)/dinokit report
+
+video: $(STAMP)
+	$(BIN)/dinokit video
 
 lint: $(STAMP)
 	$(BIN)/ruff check dinokit tests benchmarks

@@ -89,6 +89,37 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _default_run(run_dir: str | None) -> Path:
+    return Path(run_dir) if run_dir else paths.runs_dir() / paths.profile()
+
+
+def _cmd_attention(args: argparse.Namespace) -> int:
+    from dinokit.viz.attention_run import compute_run_attention
+
+    out = compute_run_attention(_default_run(args.run_dir), args.images, args.size)
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from dinokit.report import build_report
+
+    start = time.perf_counter()
+    out = build_report(_default_run(args.run_dir), args.out)
+    print(f"wrote {out} and {out.with_suffix('.md')} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _cmd_video(args: argparse.Namespace) -> int:
+    from dinokit.viz.video import build_video, probe
+
+    start = time.perf_counter()
+    out = build_video(_default_run(args.run_dir), args.out)
+    info = probe(out) if out.suffix == ".mp4" else {}
+    print(f"wrote {out} in {time.perf_counter() - start:.1f} s {info}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dinokit", description="DINOv2 self-supervised pre-training kit.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -146,6 +177,22 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--out", help="JSON path (default: report/bench/<preset>.json)")
     bench.set_defaults(func=_cmd_bench)
+
+    attention = sub.add_parser("attention", help="CLS attention maps of held-out images, per checkpoint")
+    attention.add_argument("run_dir", nargs="?", help="default: runs/$DINOKIT_PROFILE")
+    attention.add_argument("--images", type=int, default=8)
+    attention.add_argument("--size", type=int, help="image size (rounded to a patch multiple); default: eval size")
+    attention.set_defaults(func=_cmd_attention)
+
+    report = sub.add_parser("report", help="rebuild report/figures and report/report.{md,html} from saved results")
+    report.add_argument("run_dir", nargs="?", help="default: runs/$DINOKIT_PROFILE")
+    report.add_argument("--out", help="report folder (default: report/)")
+    report.set_defaults(func=_cmd_report)
+
+    video = sub.add_parser("video", help="the demo video (MP4, GIF fallback) from saved results")
+    video.add_argument("run_dir", nargs="?", help="default: runs/$DINOKIT_PROFILE")
+    video.add_argument("--out", help="default: report/demo.mp4")
+    video.set_defaults(func=_cmd_video)
 
     demo = sub.add_parser("demo", help="the whole story on the embedded dataset (resumable)")
     demo.add_argument("--preset", default="cpu-demo", choices=["default", *PRESETS])

@@ -2,7 +2,8 @@
 
 Each step is skipped when its result is already on disk, so re-running after an interruption
 continues where it stopped: data -> pre-training -> evaluation (kNN and linear probe of the
-pre-trained teacher against a random network of the same shape and raw pixels).
+pre-trained teacher against a random network of the same shape and raw pixels) -> speed study
+(CPU sweep, FlashAttention on vs off) -> attention maps -> report -> video.
 """
 
 from __future__ import annotations
@@ -30,13 +31,13 @@ def run_demo(preset: str = "cpu-demo", out_dir: str | Path | None = None, overri
     run_dir = Path(out_dir) if out_dir else paths.runs_dir() / preset
     timings: dict[str, float] = {}
 
-    start = _step("1/3 data: the embedded dataset and its fixed split")
+    start = _step("1/7 data: the embedded dataset and its fixed split")
     cfg = make_config(preset, overrides)
     split = prepare_split(cfg)
     print(f"{len(split.classes)} classes; {split.summary()}")
     timings["data_s"] = time.perf_counter() - start
 
-    start = _step(f"2/3 pre-training ({preset}) -> {run_dir}")
+    start = _step(f"2/7 pre-training ({preset}) -> {run_dir}")
     done, total = run_progress(run_dir)
     if total and done >= total:
         print(f"already trained ({done}/{total} iterations); delete {run_dir} to retrain")
@@ -47,12 +48,42 @@ def run_demo(preset: str = "cpu-demo", out_dir: str | Path | None = None, overri
             return {"status": result.status, "run_dir": str(run_dir)}
     timings["pretrain_s"] = time.perf_counter() - start
 
-    start = _step("3/3 evaluation on the held-out split: pre-trained vs random init vs pixels")
+    start = _step("3/7 evaluation on the held-out split: pre-trained vs random init vs pixels")
     metrics = evaluate_run(run_dir)
     timings["eval_s"] = time.perf_counter() - start
     print(results_table(metrics))
+    start = _step("4/7 speed study: FlashAttention on vs off (CPU sweep)")
+    bench_json = paths.report_dir() / "bench" / "cpu-quick.json"
+    if bench_json.is_file():
+        print(f"already measured: {bench_json} (delete it to re-measure)")
+    else:
+        from dinokit.bench import PRESETS, format_table, run_bench, save_records
+
+        records = run_bench(PRESETS["cpu-quick"])
+        print(format_table(records))
+        save_records(records, bench_json)
+    timings["bench_s"] = time.perf_counter() - start
+
+    start = _step("5/7 attention maps of held-out images, per checkpoint")
+    from dinokit.viz.attention_run import compute_run_attention
+
+    print(f"wrote {compute_run_attention(run_dir)}")
+    timings["attention_s"] = time.perf_counter() - start
+
+    start = _step("6/7 report (from saved artifacts)")
+    from dinokit.report import build_report
+
+    print(f"wrote {build_report(run_dir)}")
+    timings["report_s"] = time.perf_counter() - start
+
+    start = _step("7/7 demo video (from saved artifacts)")
+    from dinokit.viz.video import build_video
+
+    print(f"wrote {build_video(run_dir)}")
+    timings["video_s"] = time.perf_counter() - start
+
     summary = {"status": "finished", "run_dir": str(run_dir), "metrics": metrics, "timings": timings}
     (run_dir / "demo_summary.json").write_text(json.dumps({"timings": timings}, indent=2) + "\n")
     print("\ntimings: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
-    print(f"results in {run_dir}: metrics.jsonl, train.log, eval/metrics.json, eval/predictions.csv")
+    print(f"results in {run_dir} (metrics.jsonl, train.log, eval/) and {paths.report_dir()} (report.html, demo.mp4)")
     return summary

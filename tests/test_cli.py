@@ -17,7 +17,7 @@ def test_data_check_on_every_fixture(kaggle_root, parquet_root, folders_root, ca
 def test_data_check_reports_problems(messy_kaggle_root, capsys) -> None:
     assert main(["data", "check", str(messy_kaggle_root)]) == 0
     out = capsys.readouterr().out
-    assert "skipped 7 input(s)" in out and "truncated" in out and "decompression bomb" in out
+    assert "skipped 7 input(s)" in out and "1 truncated" in out and "1 too large" in out
 
 
 def test_data_check_unusable_root_exits_nonzero(tmp_path: Path, capsys) -> None:

@@ -1,0 +1,62 @@
+"""``dinokit attention RUN_DIR``: CLS attention maps of a fixed set of held-out images, for the
+final teacher and every saved snapshot, written to ``RUN_DIR/attention/maps.pt`` for the report,
+the video and notebook 06 (which never recompute them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from dinokit.data.crops import denormalize
+from dinokit.data.images import load_rgb
+from dinokit.eval.baselines import random_init_backbone
+from dinokit.train.checkpoint import load_checkpoint, save_atomic
+from dinokit.train.loop import prepare_split
+from dinokit.train.run_dir import load_backbone, run_config
+from dinokit.viz.attention import attention_for_records
+
+
+def pick_images(split, n: int) -> list:
+    """One held-out image per class first (round robin), so the set is varied and fixed."""
+    by_class: dict[int, list] = {}
+    for rec in sorted(split.val, key=lambda r: r.name):
+        by_class.setdefault(rec.label, []).append(rec)
+    picked, i = [], 0
+    while len(picked) < n and any(len(v) > i for v in by_class.values()):
+        for label in sorted(by_class):
+            if len(by_class[label]) > i and len(picked) < n:
+                picked.append(by_class[label][i])
+        i += 1
+    return picked
+
+
+def compute_run_attention(run_dir: str | Path, n_images: int = 8, size: int | None = None) -> Path:
+    run_dir = Path(run_dir)
+    cfg = run_config(run_dir)
+    split = prepare_split(cfg, progress=False)
+    records = pick_images(split, n_images)
+    size = size or cfg.crops.eval_size
+    pil = [load_rgb(r.source) for r in records]
+    final = load_backbone(run_dir)
+    images, maps = attention_for_records(final, pil, size)
+    snapshots: dict[int, torch.Tensor] = {}
+    backbone = random_init_backbone(cfg)  # a container of the right shape for each snapshot
+    for path in tqdm(sorted((run_dir / "snapshots").glob("teacher_*.pt")), desc="attention per snapshot"):
+        backbone.load_state_dict(load_checkpoint(path))
+        snapshots[int(path.stem.split("_")[1])] = attention_for_records(backbone, pil, size)[1]
+    snapshots[0] = attention_for_records(random_init_backbone(cfg), pil, size)[1]  # before training
+    out = run_dir / "attention" / "maps.pt"
+    save_atomic(
+        {
+            "images": (torch.stack([denormalize(x) for x in images]) * 255).round().to(torch.uint8),
+            "maps": maps,
+            "snapshots": {str(k): v for k, v in sorted(snapshots.items())},
+            "names": [r.name for r in records],
+            "labels": [split.classes[r.label] for r in records],
+            "patch_size": final.patch_size,
+        },
+        out,
+    )
+    return out
