@@ -1,4 +1,4 @@
-"""Two CPU processes (gloo) take the same step as one process on the same global batch."""
+"""Two CPU processes (gloo; DDP or FSDP) take the same step as one process on the same global batch."""
 
 import os
 import socket
@@ -30,7 +30,7 @@ def _overrides(tmp: str) -> dict:
     }
 
 
-def _worker(rank: int, world: int, port: int, tmp: str, out: str) -> None:
+def _worker(rank: int, world: int, port: int, tmp: str, out: str, extra: dict) -> None:
     os.environ.update(
         {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
          "MASTER_PORT": str(port), "DINOKIT_DATA_DIR": os.path.join(tmp, "data")}
@@ -38,20 +38,22 @@ def _worker(rank: int, world: int, port: int, tmp: str, out: str) -> None:
     torch.set_num_threads(1)
     from dinokit.train.loop import pretrain
 
-    cfg = make_config("ci", {**_overrides(tmp), "optim.batch_size": 16 // world})
+    cfg = make_config("ci", {**_overrides(tmp), "optim.batch_size": 16 // world, **extra})
     pretrain(cfg, out_dir=out)
     torch.distributed.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_two_process_step_matches_single_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("extra", [{}, {"train.fsdp": True}], ids=["ddp", "fsdp"])
+def test_two_process_step_matches_single_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra: dict) -> None:
     monkeypatch.setenv("DINOKIT_DATA_DIR", str(tmp_path / "data"))
     from dinokit.train.loop import pretrain
 
     single = tmp_path / "single"
     pretrain(make_config("ci", {**_overrides(str(tmp_path)), "optim.batch_size": 16}), out_dir=single)
     double = tmp_path / "double"
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path), str(double)), nprocs=2, start_method="spawn")
+    args = (2, _free_port(), str(tmp_path), str(double), extra)
+    mp.start_processes(_worker, args=args, nprocs=2, start_method="spawn")
     a = load_checkpoint(single / "checkpoint.pt")
     b = load_checkpoint(double / "checkpoint.pt")
     for part in ("student", "teacher"):

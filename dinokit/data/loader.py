@@ -22,7 +22,7 @@ from dinokit.data.images import BadImage, load_rgb
 from dinokit.data.masking import sample_masks
 
 
-def _seed_of(*parts: int) -> int:
+def seed_of(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
@@ -52,7 +52,7 @@ class MultiCropDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
-        sample_seed = _seed_of(self.seed, self.epoch, index)
+        sample_seed = seed_of(self.seed, self.epoch, index)
         torch.manual_seed(sample_seed)
         random.seed(sample_seed)
         try:

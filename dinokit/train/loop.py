@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -25,7 +26,7 @@ from dinokit.config import Config
 from dinokit.data.crops import MultiCrop
 from dinokit.data.har import load_dataset
 from dinokit.data.images import ProblemLog
-from dinokit.data.loader import EpochSampler, MultiCropDataset, _seed_of, collate_multicrop
+from dinokit.data.loader import EpochSampler, MultiCropDataset, collate_multicrop, seed_of
 from dinokit.data.split import Split, make_split
 from dinokit.data.synth import ensure_embedded
 from dinokit.eval.features import extract_features
@@ -34,6 +35,7 @@ from dinokit.losses.objective import DINOv2Objective
 from dinokit.models.ssl import SSLModel, build_ssl_model
 from dinokit.train.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
 from dinokit.train.dist import DistInfo, barrier, init_distributed
+from dinokit.train.fsdp import full_model_state, full_optimizer_state, load_full_state, shard
 from dinokit.train.param_groups import apply_schedules, build_param_groups
 from dinokit.train.precision import autocast, grad_scaler, resolve_precision
 from dinokit.train.schedules import Schedules, build_schedules
@@ -84,7 +86,8 @@ def train_step(
     scaler.scale(loss).backward()
     if clip_grad > 0:
         scaler.unscale_(optimizer)
-        logs["grad_norm"] = float(nn.utils.clip_grad_norm_(student.parameters(), clip_grad))
+        norm = nn.utils.clip_grad_norm_(student.parameters(), clip_grad)
+        logs["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     scaler.step(optimizer)
     scaler.update()
     ema_update(teacher, student, sched["momentum"])
@@ -212,6 +215,12 @@ def pretrain(cfg: Config, out_dir: str | Path | None = None, resume: bool = Fals
     # ---- model, teacher, objective, optimizer, schedules
     student = build_ssl_model(cfg.model, cfg.crops.global_size).to(device)
     teacher = build_teacher(student)
+    sharded = cfg.train.fsdp
+    if sharded:
+        if not dist.is_initialized():
+            raise ValueError("train.fsdp needs a distributed launch: torchrun --nproc_per_node=N -m dinokit pretrain …")
+        shard(student)
+        shard(teacher)
     objective = DINOv2Objective(cfg.loss, cfg.model.head_prototypes).to(device)
     depth = len(student.backbone.blocks)
     groups = build_param_groups(student, depth, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult)
@@ -223,17 +232,16 @@ def pretrain(cfg: Config, out_dir: str | Path | None = None, resume: bool = Fals
     start_iter = 0
     if resume:
         state = load_checkpoint(ckpt_path)
-        student.load_state_dict(state["student"])
-        teacher.load_state_dict(state["teacher"])
+        load_full_state(student, state["student"], sharded, optimizer, state["optimizer"])
+        load_full_state(teacher, state["teacher"], sharded)
         objective.load_state_dict(state["objective"])
-        optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         start_iter = int(state["iteration"])
         log.info("resumed %s at iteration %d of %d", run_dir, start_iter, total_iters)
 
     model: nn.Module = student
-    if dist_info.world > 1:
+    if dist_info.world > 1 and not sharded:
         model = nn.parallel.DistributedDataParallel(
             student, device_ids=[device.index] if device.type == "cuda" else None
         )
@@ -268,15 +276,23 @@ def pretrain(cfg: Config, out_dir: str | Path | None = None, resume: bool = Fals
         cfg.preset, len(records), total_iters, iters_per_epoch, global_batch, precision, device,
     )  # fmt: skip
 
+    def teacher_backbone_state() -> dict[str, torch.Tensor]:
+        """Full teacher backbone weights (a collective under FSDP: every rank calls it)."""
+        full = full_model_state(teacher, sharded)
+        return {k.removeprefix("backbone."): v for k, v in full.items() if k.startswith("backbone.")}
+
     def save(iteration: int) -> None:
+        student_state = full_model_state(student, sharded)  # collective under FSDP
+        teacher_state = full_model_state(teacher, sharded)
+        optimizer_state = full_optimizer_state(student, optimizer, sharded)
         if not dist_info.is_main:
             return
         save_atomic(
             {
-                "student": student.state_dict(),
-                "teacher": teacher.state_dict(),
+                "student": student_state,
+                "teacher": teacher_state,
                 "objective": objective.state_dict(),
-                "optimizer": optimizer.state_dict(),
+                "optimizer": optimizer_state,
                 "scaler": scaler.state_dict(),
                 "rng": rng_state(),
                 "iteration": iteration,
@@ -291,7 +307,8 @@ def pretrain(cfg: Config, out_dir: str | Path | None = None, resume: bool = Fals
     last_logs: dict[str, float] = {}
     bar = tqdm(total=total_iters, initial=start_iter, desc="pre-training", disable=not dist_info.is_main)
     window_start, window_images = time.perf_counter(), 0
-    with _StopFlag() as stop, metrics_path.open("a") if dist_info.is_main else _null() as metrics_file:
+    metrics_cm = metrics_path.open("a") if dist_info.is_main else contextlib.nullcontext()
+    with _StopFlag() as stop, metrics_cm as metrics_file:
         while it < total_iters and status == "finished":
             epoch = it // iters_per_epoch
             sampler.set_position(epoch, it % iters_per_epoch)
@@ -302,7 +319,7 @@ def pretrain(cfg: Config, out_dir: str | Path | None = None, resume: bool = Fals
                 if batch["size"] == 0:
                     it += 1
                     continue
-                torch.manual_seed(_seed_of(cfg.train.seed, it, dist_info.rank))  # drop path, per step
+                torch.manual_seed(seed_of(cfg.train.seed, it, dist_info.rank))  # drop path, per step
                 loss, logs = train_step(
                     model, teacher, objective, optimizer, scaler, batch,
                     schedules.at(it), precision, device, cfg.optim.clip_grad,
@@ -336,8 +353,13 @@ def pretrain(cfg: Config, out_dir: str | Path | None = None, resume: bool = Fals
                 end_of_epoch = it % iters_per_epoch == 0
                 epoch_done = it // iters_per_epoch
                 if end_of_epoch and (epoch_done % cfg.train.knn_every_epochs == 0 or it == total_iters):
+                    backbone_state = teacher_backbone_state() if sharded else teacher.backbone.state_dict()
                     if dist_info.is_main:
-                        acc = knn_monitor(teacher.backbone, split, cfg, device)
+                        eval_backbone = teacher.backbone
+                        if sharded:  # a plain, unsharded copy for the single-process kNN
+                            eval_backbone = build_ssl_model(cfg.model, cfg.crops.global_size).backbone.to(device)
+                            eval_backbone.load_state_dict(backbone_state)
+                        acc = knn_monitor(eval_backbone, split, cfg, device)
                         record = {
                             "iteration": it,
                             "epoch": epoch_done,
@@ -346,7 +368,7 @@ def pretrain(cfg: Config, out_dir: str | Path | None = None, resume: bool = Fals
                         }
                         metrics_file.write(json.dumps(record) + "\n")
                         metrics_file.flush()
-                        save_atomic(teacher.backbone.state_dict(), run_dir / "snapshots" / f"teacher_{it:07d}.pt")
+                        save_atomic(backbone_state, run_dir / "snapshots" / f"teacher_{it:07d}.pt")
                         log.info("epoch %d: kNN top-1 %.2f%%, top-5 %.2f%%", epoch_done, acc["top1"], acc["top5"])
                     barrier()
                 if it % cfg.train.checkpoint_every == 0 and it < total_iters and not stop.requested:
@@ -358,21 +380,14 @@ def pretrain(cfg: Config, out_dir: str | Path | None = None, resume: bool = Fals
                     break
     bar.close()
     problems.warn_once("pre-training")
+    save(it)
+    final_backbone = teacher_backbone_state()
     if dist_info.is_main:
-        save(it)
         if status == "finished":
-            save_atomic(teacher.backbone.state_dict(), run_dir / "teacher_backbone.pt")
+            save_atomic(final_backbone, run_dir / "teacher_backbone.pt")
         log.info("%s at iteration %d; run directory %s", status, it, run_dir)
     barrier()
     return RunResult(run_dir, status, it, last_logs)
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return None
 
 
 def _truncate_metrics(path: Path, start_iter: int) -> None:

@@ -22,7 +22,8 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     for (tn, tp), (sn, sp) in zip(teacher.named_parameters(), student.named_parameters(), strict=True):
         if tn != sn.removeprefix("module."):
             raise ValueError(f"teacher and student parameters differ: {tn} vs {sn}")
-        t_params.append(tp)
-        s_params.append(sp.detach())
+        # Sharded (FSDP) parameters: update this process's shard; student and teacher shard alike.
+        t_params.append(tp.to_local() if hasattr(tp, "to_local") else tp)
+        s_params.append(sp.detach().to_local() if hasattr(sp, "to_local") else sp.detach())
     torch._foreach_mul_(t_params, momentum)
     torch._foreach_add_(t_params, s_params, alpha=1 - momentum)
