@@ -79,12 +79,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from dinokit.eval.run_eval import evaluate_run, results_table
 
-    metrics = evaluate_run(args.run_dir, args.data, args.which, baselines=not args.no_baselines)
+    both = not (args.knn or args.linear)
+    metrics = evaluate_run(
+        args.run_dir, args.data, args.which, baselines=not args.no_baselines,
+        knn=args.knn or both, linear=args.linear or both,
+    )  # fmt: skip
     print(results_table(metrics))
-    print(
-        f"\nlinear probe: {metrics['linear']['feature']} features, lr {metrics['linear']['lr']:g}; "
-        f"evaluation took {metrics['seconds']:.0f} s"
-    )
+    if "linear" in metrics:
+        print(f"\nlinear probe: {metrics['linear']['feature']} features, lr {metrics['linear']['lr']:g}")
+    print(f"evaluation took {metrics['seconds']:.0f} s")
     print(f"wrote {Path(args.run_dir) / 'eval'}/{{metrics.json, per_class.csv, confusion.npy, predictions.csv}}")
     return 0
 
@@ -164,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", help="data root (default: the one the run was trained on)")
     evaluate.add_argument("--which", default="teacher", choices=["teacher", "student"])
     evaluate.add_argument("--no-baselines", action="store_true", help="skip random-init and pixel baselines")
+    evaluate.add_argument("--knn", action="store_true", help="kNN only (default: kNN and linear)")
+    evaluate.add_argument("--linear", action="store_true", help="linear probe only (default: kNN and linear)")
     evaluate.set_defaults(func=_cmd_eval)
 
     from dinokit.bench import MODES

@@ -191,17 +191,27 @@ def _eval_section(r: Report, run_dir: Path) -> None:
         return
     m = json.loads(path.read_text())
     base = m.get("baselines", {})
-    rows = [["pre-trained teacher", _pct(m["knn"]["top1"]), _pct(m["linear"]["top1"]),
-             _pct(m["linear"]["balanced_accuracy"])]]  # fmt: skip
+
+    def row(name: str, x: dict) -> list[str]:
+        linear = x.get("linear", {})
+        return [
+            name,
+            _pct(x.get("knn", {}).get("top1")),
+            _pct(linear.get("top1")),
+            _pct(linear.get("balanced_accuracy")),
+        ]
+
+    rows = [row("pre-trained teacher", m)]
     if "random_init" in base:
-        b = base["random_init"]
-        rows.append(["random init, same arch", _pct(b["knn"]["top1"]), _pct(b["linear"]["top1"]),
-                     _pct(b["linear"]["balanced_accuracy"])])  # fmt: skip
+        rows.append(row("random init, same arch", base["random_init"]))
+    if "dinov2_official" in base:
+        rows.append(row("official DINOv2 ViT-S/14 (reference)", base["dinov2_official"]))
     if "pixels" in base:
         rows.append(["raw pixels 16x16", "-", _pct(base["pixels"]["linear"]["top1"]), "-"])
     rows.append(["chance", _pct(m["chance"]), _pct(m["chance"]), _pct(m["chance"])])
     r.table(["features", "kNN top-1 (k=20)", "linear top-1", "linear balanced acc."], rows)
-    r.p(f"Linear probe: {m['linear']['feature']} features, lr {m['linear']['lr']:g} (chosen on a part of train).")
+    if "linear" in m:
+        r.p(f"Linear probe: {m['linear']['feature']} features, lr {m['linear']['lr']:g} (chosen on a part of train).")
     per_class_csv = run_dir / "eval" / "per_class.csv"
     confusion = run_dir / "eval" / "confusion.npy"
     if per_class_csv.is_file() and confusion.is_file():

@@ -70,3 +70,21 @@ def test_eval_features_are_cached(trained: Path) -> None:
     assert len(cached) == 1
     data = torch.load(cached[0], weights_only=True)
     assert {"train", "val", "test"} <= data.keys()
+
+
+def test_knn_only_and_the_dinov2_reference_row(trained: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """With local DINOv2 weights (here: a random timm ViT-S/14 saved to a file, since nothing
+    can be downloaded), the table gains the official model as a reference row."""
+    timm = pytest.importorskip("timm")
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "dinov2.safetensors"
+    state = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=28, num_classes=0).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(weights))
+    monkeypatch.setenv("DINOKIT_DINOV2_WEIGHTS", str(weights))
+    assert main(["eval", str(trained), "--knn"]) == 0
+    metrics = json.loads((trained / "eval" / "metrics.json").read_text())
+    assert "knn" in metrics and "linear" not in metrics
+    ref = metrics["baselines"]["dinov2_official"]
+    assert ref["image_size"] == 28 and 0 <= ref["knn"]["top1"] <= 100
+    assert "official DINOv2" in capsys.readouterr().out

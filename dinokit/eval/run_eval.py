@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -18,7 +19,6 @@ import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from dinokit.config import Config
 from dinokit.data.har import Record
 from dinokit.data.images import load_rgb
 from dinokit.data.split import Split
@@ -26,7 +26,8 @@ from dinokit.eval.baselines import random_init_backbone
 from dinokit.eval.features import FEATURE_KINDS, extract_features
 from dinokit.eval.knn import knn_accuracy
 from dinokit.eval.linear import linear_probe
-from dinokit.models.vit import VisionTransformer
+from dinokit.models.pretrained import load_timm_vit_weights, official_dinov2_state_dict
+from dinokit.models.vit import VisionTransformer, build_vit
 from dinokit.train.loop import prepare_split
 from dinokit.train.run_dir import load_backbone, run_config
 
@@ -52,13 +53,13 @@ def _check_split(run_dir: Path, split: Split) -> None:
 
 
 def _features(
-    backbone: VisionTransformer, split: Split, cfg: Config, cache: Path | None, kinds=FEATURE_KINDS
+    backbone: VisionTransformer, split: Split, size: int, cache: Path | None, kinds=FEATURE_KINDS
 ) -> dict[str, dict]:
     if cache is not None and cache.is_file():
         return torch.load(cache, weights_only=True)
     out = {}
     for part, records in (("train", split.train), ("val", split.val), ("test", split.unlabeled)):
-        feats = extract_features(backbone, records, cfg.crops.eval_size, kinds=kinds, desc=f"features {part}")
+        feats = extract_features(backbone, records, size, kinds=kinds, desc=f"features {part}")
         out[part] = {"features": feats["features"], "labels": feats["labels"], "indices": feats["indices"]}
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -66,27 +67,44 @@ def _features(
     return out
 
 
-def _probe_suite(feats: dict, n_classes: int, epochs: int) -> tuple[dict, object]:
+def _probe_suite(
+    feats: dict, n_classes: int, epochs: int, knn: bool = True, linear: bool = True
+) -> tuple[dict, object | None]:
     train, val = feats["train"], feats["val"]
-    knn = {
-        f"k{k}": knn_accuracy(
-            train["features"]["cls"], train["labels"], val["features"]["cls"], val["labels"], n_classes, k
+    metrics: dict = {}
+    if knn:
+        by_k = {
+            f"k{k}": knn_accuracy(
+                train["features"]["cls"], train["labels"], val["features"]["cls"], val["labels"], n_classes, k
+            )
+            for k in KNN_KS
+        }
+        metrics["knn"] = {"top1": by_k["k20"]["top1"], "top5": by_k["k20"]["top5"], "by_k": by_k}
+    probe = None
+    if linear:
+        probe = linear_probe(
+            train["features"], train["labels"], val["features"], val["labels"], n_classes, epochs=epochs
         )
-        for k in KNN_KS
-    }
-    probe = linear_probe(train["features"], train["labels"], val["features"], val["labels"], n_classes, epochs=epochs)
-    metrics = {
-        "knn": {"top1": knn["k20"]["top1"], "top5": knn["k20"]["top5"], "by_k": knn},
-        "linear": {
+        metrics["linear"] = {
             "top1": probe.top1,
             "top5": probe.top5,
             "balanced_accuracy": probe.balanced_accuracy,
             "feature": probe.feature,
             "lr": probe.lr,
             "selection_top1": probe.selection_top1,
-        },
-    }
+        }
     return metrics, probe
+
+
+def dinov2_reference(eval_size: int) -> tuple[VisionTransformer, int] | None:
+    """The official DINOv2 ViT-S/14 as a reference ceiling, only when ``DINOKIT_DINOV2_WEIGHTS``
+    points at local weights (evaluation never reaches for the network)."""
+    if not os.environ.get("DINOKIT_DINOV2_WEIGHTS"):
+        return None
+    size = max(14, eval_size - eval_size % 14)
+    model = build_vit("vit_small", patch_size=14, img_size=size, layerscale=1e-5)
+    load_timm_vit_weights(model, official_dinov2_state_dict("vit_small"))
+    return model.eval(), size
 
 
 def pixel_baseline(split: Split, size: int = 16) -> dict:
@@ -113,6 +131,8 @@ def evaluate_run(
     which: str = "teacher",
     probe_epochs: int = 100,
     baselines: bool = True,
+    knn: bool = True,
+    linear: bool = True,
 ) -> dict:
     """Evaluate a run; writes ``RUN_DIR/eval/{metrics.json, per_class.csv, confusion.npy, predictions.csv}``."""
     run_dir = Path(run_dir)
@@ -135,16 +155,27 @@ def evaluate_run(
         ) from exc
     out_dir = run_dir / "eval"
     n_classes = len(split.classes)
-    feats = _features(backbone, split, cfg, out_dir / f"features_{which}_{split.sha256[:12]}.pt")
-    metrics, probe = _probe_suite(feats, n_classes, probe_epochs)
+    if not (knn or linear):
+        raise EvalError("nothing to evaluate: ask for --knn, --linear or both")
+    size = cfg.crops.eval_size
+    feats = _features(backbone, split, size, out_dir / f"features_{which}_{split.sha256[:12]}.pt")
+    metrics, probe = _probe_suite(feats, n_classes, probe_epochs, knn, linear)
     metrics.update({"run": str(run_dir), "which": which, "split_sha256": split.sha256, "classes": split.classes})
     metrics["chance"] = 100.0 / n_classes
     if baselines:
-        random_feats = _features(
-            random_init_backbone(cfg), split, cfg, out_dir / f"features_random_{split.sha256[:12]}.pt"
-        )
-        metrics["baselines"] = {"random_init": _probe_suite(random_feats, n_classes, probe_epochs)[0]}
-        metrics["baselines"]["pixels"] = pixel_baseline(split)
+        cache = out_dir / f"features_random_{split.sha256[:12]}.pt"
+        random_feats = _features(random_init_backbone(cfg), split, size, cache)
+        metrics["baselines"] = {"random_init": _probe_suite(random_feats, n_classes, probe_epochs, knn, linear)[0]}
+        if linear:
+            metrics["baselines"]["pixels"] = pixel_baseline(split)
+        reference = dinov2_reference(size)
+        if reference is not None:
+            model, ref_size = reference
+            ref_cache = out_dir / f"features_dinov2_{split.sha256[:12]}_{ref_size}.pt"
+            ref_metrics = _probe_suite(
+                _features(model, split, ref_size, ref_cache), n_classes, probe_epochs, knn, linear
+            )[0]
+            metrics["baselines"]["dinov2_official"] = {**ref_metrics, "image_size": ref_size}
     metrics["seconds"] = time.perf_counter() - start
     _write_outputs(out_dir, metrics, probe, split, feats)
     return metrics
@@ -153,6 +184,8 @@ def evaluate_run(
 def _write_outputs(out_dir: Path, metrics: dict, probe, split: Split, feats: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    if probe is None:  # kNN only: no probe, so no per-class table or predictions
+        return
     np.save(out_dir / "confusion.npy", probe.confusion)
     with (out_dir / "per_class.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
@@ -177,14 +210,19 @@ def _write_outputs(out_dir: Path, metrics: dict, probe, split: Split, feats: dic
 
 
 def results_table(metrics: dict) -> str:
+    def cell(m: dict, key: str, field: str = "top1") -> str:
+        return f"{m[key][field]:.1f}%" if key in m else "-"
+
     rows = [("pre-trained " + metrics.get("which", "teacher"), metrics)]
     base = metrics.get("baselines", {})
     if "random_init" in base:
         rows.append(("random init (same arch)", base["random_init"]))
+    if "dinov2_official" in base:
+        rows.append(("official DINOv2 ViT-S/14", base["dinov2_official"]))
     lines = [f"{'features':<26}{'kNN top-1':>10}{'linear top-1':>14}{'balanced':>10}"]
     for name, m in rows:
         lines.append(
-            f"{name:<26}{m['knn']['top1']:>9.1f}%{m['linear']['top1']:>13.1f}%{m['linear']['balanced_accuracy']:>9.1f}%"
+            f"{name:<26}{cell(m, 'knn'):>10}{cell(m, 'linear'):>14}{cell(m, 'linear', 'balanced_accuracy'):>10}"
         )
     if "pixels" in base:
         lines.append(f"{'raw pixels 16x16':<26}{'-':>10}{base['pixels']['linear']['top1']:>13.1f}%{'-':>10}")

@@ -20,7 +20,8 @@ def build_teacher(student: nn.Module) -> nn.Module:
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     t_params, s_params = [], []
     for (tn, tp), (sn, sp) in zip(teacher.named_parameters(), student.named_parameters(), strict=True):
-        if tn != sn.removeprefix("module."):
+        # DDP adds "module.", torch.compile "_orig_mod.": the same parameter underneath.
+        if tn != sn.replace("_orig_mod.", "").removeprefix("module."):
             raise ValueError(f"teacher and student parameters differ: {tn} vs {sn}")
         # Sharded (FSDP) parameters: update this process's shard; student and teacher shard alike.
         t_params.append(tp.to_local() if hasattr(tp, "to_local") else tp)

@@ -1,6 +1,7 @@
-"""``dinokit attention RUN_DIR``: CLS attention maps of a fixed set of held-out images, for the
-final teacher and every saved snapshot, written to ``RUN_DIR/attention/maps.pt`` for the report,
-the video and notebook 06 (which never recompute them)."""
+"""``dinokit attention RUN_DIR``: CLS attention maps of a fixed set of held-out images, for every
+block of the final teacher and the last block of every saved snapshot, written to
+``RUN_DIR/attention/maps.pt`` for the report, the video and notebook 06 (which never recompute
+them)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from dinokit.eval.baselines import random_init_backbone
 from dinokit.train.checkpoint import load_checkpoint, save_atomic
 from dinokit.train.loop import prepare_split
 from dinokit.train.run_dir import load_backbone, run_config
-from dinokit.viz.attention import attention_for_records
+from dinokit.viz.attention import attention_for_records, cls_attention
 
 
 def pick_images(split, n: int) -> list:
@@ -41,6 +42,8 @@ def compute_run_attention(run_dir: str | Path, n_images: int = 8, size: int | No
     pil = [load_rgb(r.source) for r in records]
     final = load_backbone(run_dir)
     images, maps = attention_for_records(final, pil, size)
+    # every block of the final teacher, for the explorer: (blocks, images, heads, gh, gw)
+    per_block = torch.stack([cls_attention(final, images, b) for b in range(len(final.blocks))])
     snapshots: dict[int, torch.Tensor] = {}
     backbone = random_init_backbone(cfg)  # a container of the right shape for each snapshot
     for path in tqdm(sorted((run_dir / "snapshots").glob("teacher_*.pt")), desc="attention per snapshot"):
@@ -52,6 +55,7 @@ def compute_run_attention(run_dir: str | Path, n_images: int = 8, size: int | No
         {
             "images": (torch.stack([denormalize(x) for x in images]) * 255).round().to(torch.uint8),
             "maps": maps,
+            "blocks": per_block,
             "snapshots": {str(k): v for k, v in sorted(snapshots.items())},
             "names": [r.name for r in records],
             "labels": [split.classes[r.label] for r in records],

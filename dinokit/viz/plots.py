@@ -190,8 +190,9 @@ def per_class_and_confusion(per_class, confusion: np.ndarray, classes: Sequence[
     rows = confusion.sum(1, keepdims=True)
     normalised = np.divide(confusion, rows, out=np.zeros_like(confusion, dtype=float), where=rows > 0)
     ConfusionMatrixDisplay(normalised, display_labels=list(classes)).plot(
-        ax=axes[1], cmap="Blues", colorbar=False, values_format=".2f", xticks_rotation=60
-    )
+        ax=axes[1], cmap="Blues", colorbar=True, values_format=".1f", xticks_rotation=60,
+        include_values=len(classes) <= 10,  # beyond that the numbers overlap; the colours carry it
+    )  # fmt: skip
     axes[1].set_title("confusion (rows: true class, normalised)")
     fig.tight_layout()
     return fig
