@@ -130,3 +130,12 @@ def test_checkpoint_loading_never_runs_code(tmp_path: Path) -> None:
     path.write_bytes(pickle.dumps({"x": Evil()}))
     with pytest.raises(pickle.UnpicklingError):
         load_checkpoint(path)
+
+
+@pytest.mark.slow
+def test_torch_compile_option_trains(env: Path) -> None:
+    """``train.compile``: the compiled student's parameters are found by the EMA and saved."""
+    result = pretrain(_cfg(**{"train.compile": True, "train.max_iters": 2}), out_dir=env / "c")
+    assert result.status == "finished"
+    state = load_checkpoint(env / "c" / "checkpoint.pt")
+    assert not any(k.startswith("_orig_mod") for k in state["student"])
