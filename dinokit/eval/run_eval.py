@@ -29,7 +29,7 @@ from dinokit.eval.linear import linear_probe
 from dinokit.models.pretrained import load_timm_vit_weights, official_dinov2_state_dict
 from dinokit.models.vit import VisionTransformer, build_vit
 from dinokit.train.loop import prepare_split
-from dinokit.train.run_dir import load_backbone, run_config
+from dinokit.train.run_dir import load_backbone, run_config, run_progress
 
 log = logging.getLogger("dinokit.eval")
 KNN_KS = (10, 20, 100, 200)
@@ -158,24 +158,31 @@ def evaluate_run(
     if not (knn or linear):
         raise EvalError("nothing to evaluate: ask for --knn, --linear or both")
     size = cfg.crops.eval_size
-    feats = _features(backbone, split, size, out_dir / f"features_{which}_{split.sha256[:12]}.pt")
+    iteration = run_progress(run_dir)[0]  # in the cache key: a resumed run gets fresh features
+    feature_files = {which: out_dir / f"features_{which}_{split.sha256[:12]}_it{iteration}.pt"}
+    feats = _features(backbone, split, size, feature_files[which])
     metrics, probe = _probe_suite(feats, n_classes, probe_epochs, knn, linear)
     metrics.update({"run": str(run_dir), "which": which, "split_sha256": split.sha256, "classes": split.classes})
     metrics["chance"] = 100.0 / n_classes
     if baselines:
-        cache = out_dir / f"features_random_{split.sha256[:12]}.pt"
-        random_feats = _features(random_init_backbone(cfg), split, size, cache)
+        feature_files["random_init"] = out_dir / f"features_random_{split.sha256[:12]}.pt"
+        random_feats = _features(random_init_backbone(cfg), split, size, feature_files["random_init"])
         metrics["baselines"] = {"random_init": _probe_suite(random_feats, n_classes, probe_epochs, knn, linear)[0]}
         if linear:
             metrics["baselines"]["pixels"] = pixel_baseline(split)
         reference = dinov2_reference(size)
         if reference is not None:
             model, ref_size = reference
-            ref_cache = out_dir / f"features_dinov2_{split.sha256[:12]}_{ref_size}.pt"
+            feature_files["dinov2_official"] = out_dir / f"features_dinov2_{split.sha256[:12]}_{ref_size}.pt"
             ref_metrics = _probe_suite(
-                _features(model, split, ref_size, ref_cache), n_classes, probe_epochs, knn, linear
+                _features(model, split, ref_size, feature_files["dinov2_official"]),
+                n_classes,
+                probe_epochs,
+                knn,
+                linear,
             )[0]
             metrics["baselines"]["dinov2_official"] = {**ref_metrics, "image_size": ref_size}
+    metrics["feature_files"] = {k: v.name for k, v in feature_files.items()}  # in RUN_DIR/eval/
     metrics["seconds"] = time.perf_counter() - start
     _write_outputs(out_dir, metrics, probe, split, feats)
     return metrics

@@ -80,8 +80,11 @@ def train_step(
         student_out = student(global_crops, local_crops, masks)  # masked globals + locals
         loss, logs = objective(student_out, teacher_out, masks, sched["teacher_temp"])
 
-    if not torch.isfinite(loss):
-        return loss, logs
+    finite = torch.isfinite(loss.detach()).float()
+    if dist.is_initialized():  # every process must skip the backward together, or the others hang
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if not finite:
+        return loss.detach() * float("nan"), logs
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     if clip_grad > 0:
