@@ -67,3 +67,12 @@ def test_video_plays(full_run: Path) -> None:
     assert video.suffix == ".mp4"
     info = probe(video)
     assert info["seconds"] >= 30 and info["frames"] >= 150
+
+
+def test_video_degrades_without_artifacts(full_run: Path, tmp_path: Path) -> None:
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "metrics.jsonl"):
+        shutil.copy(full_run / name, bare / name)
+    video = build_video(bare, tmp_path / "bare.mp4")  # missing eval, attention, bench: cards say so
+    assert probe(video)["frames"] > 50
