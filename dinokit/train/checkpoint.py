@@ -27,11 +27,12 @@ def save_atomic(obj: object, path: str | Path) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
+    """``mmap=True`` maps tensors lazily: cheap when only a few fields (e.g. the iteration) are read."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}; train first with `dinokit pretrain`")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
 
 
 def rng_state() -> dict:

@@ -27,7 +27,7 @@ def run_progress(run_dir: str | Path) -> tuple[int, int]:
     if not (run_dir / "checkpoint.pt").is_file() or not info.is_file():
         return 0, 0
     total = json.loads(info.read_text())["total_iters"]
-    done = int(load_checkpoint(run_dir / "checkpoint.pt")["iteration"])
+    done = int(load_checkpoint(run_dir / "checkpoint.pt", mmap=True)["iteration"])
     return done, total
 
 
