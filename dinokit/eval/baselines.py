@@ -5,12 +5,11 @@ from __future__ import annotations
 import torch
 
 from dinokit.config import Config
-from dinokit.models.ssl import build_ssl_model
+from dinokit.models.ssl import build_architecture
 from dinokit.models.vit import VisionTransformer
 
 
 def random_init_backbone(cfg: Config, seed: int | None = None) -> VisionTransformer:
     """The run's architecture with fresh random weights (the run's own seed by default)."""
     torch.manual_seed(cfg.train.seed if seed is None else seed)
-    model_cfg = type(cfg.model)(**{**cfg.model.__dict__, "init": "random"})
-    return build_ssl_model(model_cfg, cfg.crops.global_size).backbone.eval()
+    return build_architecture(cfg.model, cfg.crops.global_size).backbone.eval()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -67,3 +69,9 @@ def build_ssl_model(cfg: ModelConfig, img_size: int) -> SSLModel:
         return DINOHead(backbone.embed_dim, cfg.head_prototypes, cfg.head_hidden, cfg.head_bottleneck)
 
     return SSLModel(backbone, head(), head() if cfg.ibot_separate_head else None)
+
+
+def build_architecture(cfg: ModelConfig, img_size: int) -> SSLModel:
+    """The same network with fresh random weights and no download, whatever ``cfg.init`` says:
+    a container for loading a checkpoint, or the random-init baseline."""
+    return build_ssl_model(dataclasses.replace(cfg, init="random"), img_size)

@@ -32,7 +32,7 @@ from dinokit.data.synth import ensure_embedded
 from dinokit.eval.features import extract_features
 from dinokit.eval.knn import knn_accuracy
 from dinokit.losses.objective import DINOv2Objective
-from dinokit.models.ssl import SSLModel, build_ssl_model
+from dinokit.models.ssl import SSLModel, build_architecture, build_ssl_model
 from dinokit.train.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
 from dinokit.train.dist import DistInfo, barrier, init_distributed
 from dinokit.train.fsdp import full_model_state, full_optimizer_state, load_full_state, shard
@@ -216,7 +216,8 @@ def pretrain(cfg: Config, out_dir: str | Path | None = None, resume: bool = Fals
     )
 
     # ---- model, teacher, objective, optimizer, schedules
-    student = build_ssl_model(cfg.model, cfg.crops.global_size).to(device)
+    # On resume the checkpoint supplies every weight: build the bare architecture (no download).
+    student = (build_architecture if resume else build_ssl_model)(cfg.model, cfg.crops.global_size).to(device)
     teacher = build_teacher(student)
     sharded = cfg.train.fsdp
     if sharded:
@@ -360,7 +361,7 @@ def pretrain(cfg: Config, out_dir: str | Path | None = None, resume: bool = Fals
                     if dist_info.is_main:
                         eval_backbone = teacher.backbone
                         if sharded:  # a plain, unsharded copy for the single-process kNN
-                            eval_backbone = build_ssl_model(cfg.model, cfg.crops.global_size).backbone.to(device)
+                            eval_backbone = build_architecture(cfg.model, cfg.crops.global_size).backbone.to(device)
                             eval_backbone.load_state_dict(backbone_state)
                         acc = knn_monitor(eval_backbone, split, cfg, device)
                         record = {

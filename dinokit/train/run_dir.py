@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from dinokit.config import Config
-from dinokit.models.ssl import build_ssl_model
+from dinokit.models.ssl import build_architecture
 from dinokit.models.vit import VisionTransformer
 from dinokit.train.checkpoint import load_checkpoint
 
@@ -34,7 +34,7 @@ def run_progress(run_dir: str | Path) -> tuple[int, int]:
 def load_backbone(run_dir: str | Path, which: str = "teacher", device: str | torch.device = "cpu") -> VisionTransformer:
     """The run's teacher (or student) backbone, ready for feature extraction."""
     cfg = run_config(run_dir)
-    model = build_ssl_model(type(cfg.model)(**{**cfg.model.__dict__, "init": "random"}), cfg.crops.global_size)
+    model = build_architecture(cfg.model, cfg.crops.global_size)
     state = load_checkpoint(Path(run_dir) / "checkpoint.pt")
     if which not in ("teacher", "student"):
         raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
