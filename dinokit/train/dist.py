@@ -39,3 +39,15 @@ def init_distributed() -> DistInfo:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every process if it is true on any: a signal that reached one process stops all.
+
+    Without this a process that stops alone leaves the others waiting in their next collective.
+    """
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor(float(flag), device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())

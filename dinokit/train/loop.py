@@ -34,7 +34,7 @@ from dinokit.eval.knn import knn_accuracy
 from dinokit.losses.objective import DINOv2Objective
 from dinokit.models.ssl import SSLModel, build_architecture, build_ssl_model
 from dinokit.train.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
-from dinokit.train.dist import DistInfo, barrier, init_distributed
+from dinokit.train.dist import DistInfo, any_rank, barrier, init_distributed
 from dinokit.train.fsdp import full_model_state, full_optimizer_state, load_full_state, shard
 from dinokit.train.param_groups import apply_schedules, build_param_groups
 from dinokit.train.precision import autocast, grad_scaler, resolve_precision
@@ -375,9 +375,10 @@ def pretrain(cfg: Config, out_dir: str | Path | None = None, resume: bool = Fals
                         save_atomic(backbone_state, run_dir / "snapshots" / f"teacher_{it:07d}.pt")
                         log.info("epoch %d: kNN top-1 %.2f%%, top-5 %.2f%%", epoch_done, acc["top1"], acc["top5"])
                     barrier()
-                if it % cfg.train.checkpoint_every == 0 and it < total_iters and not stop.requested:
+                stopping = any_rank(stop.requested, device)
+                if it % cfg.train.checkpoint_every == 0 and it < total_iters and not stopping:
                     save(it)
-                if stop.requested:
+                if stopping:
                     status = "interrupted"
                     break
                 if it >= total_iters:

@@ -150,31 +150,40 @@ def toy_histories(histories: Mapping[str, Mapping[str, Sequence[float]]], log_k:
 
 
 def speedup_vs_tokens(rows: Sequence[Mapping], title: str = "FlashAttention speed-up over naive attention") -> Figure:
-    """Speed-up (and memory ratio where measured) against the number of tokens, per mode."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
-    modes = sorted({r.get("mode", "attention op") for r in rows})
-    for mode in modes:
-        pts = sorted(
-            (r["tokens"], r["speedup"], r.get("memory_ratio"))
-            for r in rows
-            if r.get("mode", "attention op") == mode and r.get("speedup") and r.get("backend", "sdpa") != "naive"
-        )
-        if not pts:
-            continue
-        x = [p[0] for p in pts]
-        axes[0].plot(x, [p[1] for p in pts], marker="o", label=mode)
-        mem = [(p[0], p[2]) for p in pts if p[2]]
-        if mem:
-            axes[1].plot([m[0] for m in mem], [m[1] for m in mem], marker="o", label=mode)
+    """Speed-up (and memory ratio where measured) against the number of tokens.
+
+    One line per (mode, backend, dtype); each point is labelled with its batch size where a line
+    mixes batch sizes, because on a CPU the naive path's cost depends on the batch too.
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    groups: dict[tuple, list[Mapping]] = {}
+    for r in rows:
+        if r.get("speedup") and r.get("backend", "sdpa") != "naive":
+            key = (r.get("mode", "attention op"), r.get("backend", "sdpa"), r.get("dtype", "fp32"))
+            groups.setdefault(key, []).append(r)
+    for (mode, backend, dtype), group in sorted(groups.items()):
+        group = sorted(group, key=lambda r: (r["tokens"], r.get("batch", 1)))
+        label = f"{mode} · {backend} · {dtype}"
+        several_batches = len({r.get("batch", 1) for r in group}) > 1
+        for ax, key in ((axes[0], "speedup"), (axes[1], "memory_ratio")):
+            pts = [r for r in group if r.get(key)]
+            if not pts:
+                continue
+            (line,) = ax.plot([r["tokens"] for r in pts], [r[key] for r in pts], marker="o", label=label)
+            if several_batches:
+                for r in pts:
+                    ax.annotate(f"b{r.get('batch', 1)}", (r["tokens"], r[key]), xytext=(4, 2),
+                                textcoords="offset points", fontsize=7, color=line.get_color())  # fmt: skip
     axes[0].axhline(1.0, color="gray", linestyle=":")
     axes[0].set_ylabel("speed-up (x)")
     axes[1].set_ylabel("peak memory, on / off")
     for ax in axes:
         ax.set_xlabel("tokens per image")
         ax.set_xscale("log")
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     axes[0].set_title(title, fontsize=10)
-    axes[1].set_title("memory ratio (CPU: process peak RSS, an upper bound)", fontsize=10)
+    axes[1].set_title("memory ratio (CPU: peak RSS of the whole process)", fontsize=10)
     fig.tight_layout()
     return fig
 
