@@ -277,8 +277,13 @@ def _timm_runner(case: BenchCase, device: torch.device) -> Callable[[], None]:
     return run
 
 
-def measure(case: BenchCase, mode: str, backend: str, device: str, warmup: int, repeats: int, threads: int = 0) -> dict:
-    """Time one (case, mode, backend) in this process: speed, peak memory, page faults, status."""
+def measure(
+    case: BenchCase, mode: str, backend: str, device: str | torch.device, warmup: int, repeats: int, threads: int = 0
+) -> dict:
+    """Time one (case, mode, backend) in this process: speed, peak memory, page faults, status.
+
+    ``device`` may be a string so that the arguments pickle cheaply into a fresh process.
+    """
     device = torch.device(device)
     if threads:
         torch.set_num_threads(threads)
