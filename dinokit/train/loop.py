@@ -80,10 +80,8 @@ def train_step(
         student_out = student(global_crops, local_crops, masks)  # masked globals + locals
         loss, logs = objective(student_out, teacher_out, masks, sched["teacher_temp"])
 
-    finite = torch.isfinite(loss.detach()).float()
-    if dist.is_initialized():  # every process must skip the backward together, or the others hang
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    if not finite:
+    # every process must skip the backward together, or the others hang
+    if any_rank(not torch.isfinite(loss.detach()), device):
         return loss.detach() * float("nan"), logs
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()

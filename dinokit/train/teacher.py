@@ -7,6 +7,8 @@ import copy
 import torch
 from torch import nn
 
+from dinokit.train.fsdp import local
+
 
 def build_teacher(student: nn.Module) -> nn.Module:
     """A copy in eval mode (no stochastic depth) that never receives gradients."""
@@ -24,7 +26,7 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
         if tn != sn.replace("_orig_mod.", "").removeprefix("module."):
             raise ValueError(f"teacher and student parameters differ: {tn} vs {sn}")
         # Sharded (FSDP) parameters: update this process's shard; student and teacher shard alike.
-        t_params.append(tp.to_local() if hasattr(tp, "to_local") else tp)
-        s_params.append(sp.detach().to_local() if hasattr(sp, "to_local") else sp.detach())
+        t_params.append(local(tp))
+        s_params.append(local(sp.detach()))
     torch._foreach_mul_(t_params, momentum)
     torch._foreach_add_(t_params, s_params, alpha=1 - momentum)
