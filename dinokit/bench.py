@@ -21,7 +21,6 @@ import ctypes
 import gc
 import json
 import multiprocessing
-import platform
 import resource
 import statistics
 import time
@@ -36,16 +35,26 @@ import torch
 from tqdm.auto import tqdm
 
 from dinokit.config import make_config
+from dinokit.device import device_kind, device_name, peak_memory_mb, resolve_device
 from dinokit.losses.objective import DINOv2Objective
 from dinokit.models.attention import BACKENDS, flash_attn_available
+from dinokit.models.kernels import describe_attention, flash_attn_problem
 from dinokit.models.ssl import build_ssl_model
 from dinokit.models.vit import build_vit
-from dinokit.train.loop import train_step
+from dinokit.precision import grad_scaler
 from dinokit.train.param_groups import build_param_groups
-from dinokit.train.precision import grad_scaler
+from dinokit.train.step import train_step
 from dinokit.train.teacher import build_teacher
 
 MODES = ("inference", "backbone", "train_step")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _head_dim(arch: str) -> int:
+    from dinokit.models.vit import ARCHS
+
+    dim, _, heads = ARCHS[arch]
+    return dim // heads
 
 
 @dataclass
@@ -109,10 +118,12 @@ PRESETS: dict[str, list[BenchCase]] = {
 
 
 def available_backends(device: torch.device) -> list[str]:
+    """naive (off), sdpa (on: the best kernel this device has), and on CUDA the efficient kernel and
+    the flash-attn package where they can run."""
     out = ["naive", "sdpa"]
     if device.type == "cuda":
         out.append("sdpa-efficient")
-        if flash_attn_available():
+        if flash_attn_available() and flash_attn_problem(device_kind(device)) is None:
             out.append("flash-attn")
     return out
 
@@ -161,19 +172,6 @@ def reset_peak_memory(device: torch.device) -> None:
 def _minor_faults() -> int:
     """Pages the kernel had to map in (and zero) for this process so far: the CPU cost of fresh buffers."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
-def _peak_mb(device: torch.device) -> float:
-    """CUDA's max allocated on a GPU; the process's peak resident set (VmHWM) on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _autocast(dtype: str, device: torch.device):
@@ -295,7 +293,7 @@ def measure(
         run = _timm_runner(case, device) if backend == "timm-fused" else _runner(case, mode, backend, device)
         faults = _minor_faults()
         median = statistics.median(_time(run, device, warmup, repeats))
-        out.update(latency_ms=1000 * median, images_per_s=case.batch / median, peak_mem_mb=_peak_mb(device))
+        out.update(latency_ms=1000 * median, images_per_s=case.batch / median, peak_mem_mb=peak_memory_mb(device))
         if device.type == "cpu":
             out["page_faults_per_image"] = round((_minor_faults() - faults) / (case.batch * (warmup + repeats)))
     except torch.OutOfMemoryError:
@@ -334,13 +332,13 @@ def run_bench(
 ) -> list[BenchRecord]:
     """Check, then time every (case, mode, backend); ``isolate`` (default: on the CPU) runs each
     measurement in a fresh process (see ``measure_in_fresh_process``)."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device or "auto")
     backends = backends or available_backends(device)
     for b in backends:
         if b not in BACKENDS:
             raise ValueError(f"unknown backend {b!r}; choose from {BACKENDS}")
     isolate = device.type == "cpu" if isolate is None else isolate
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    machine = device_name(device)
     records: list[BenchRecord] = []
     cases = list(cases)
     total = sum(len(c.modes) * len(backends) + (timm_ref and "inference" in c.modes) for c in cases)
@@ -354,7 +352,12 @@ def run_bench(
             for backend in backends + timm:
                 rec = BenchRecord(
                     backend, mode, case.arch, case.patch, case.img_size, tokens, case.batch, case.dtype,
-                    device_name, torch.__version__, max_abs_diff=diffs.get(backend, 0.0),
+                    machine, torch.__version__, max_abs_diff=diffs.get(backend, 0.0),
+                )  # fmt: skip
+                head_dim = _head_dim(case.arch)
+                rec.extra["attention_kernel"] = (
+                    "timm fused attention (SDPA, PyTorch's choice)" if backend == "timm-fused"
+                    else describe_attention(backend, device, _DTYPES[case.dtype], head_dim)
                 )  # fmt: skip
                 if rec.max_abs_diff > tolerance * 10:
                     rec.status = "mismatch"

@@ -44,21 +44,45 @@ def _cmd_data_split(args: argparse.Namespace) -> int:
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from dinokit.config import make_config
+    from dinokit.device import resolve_device
+    from dinokit.runs import default_run_dir
     from dinokit.train.loop import pretrain
 
+    device = resolve_device(args.device)  # before any work: a clear error if the device is missing
     overrides = list(args.set or [])
     if args.data:
         overrides.append(f"data.root={args.data}")
     cfg = make_config(args.preset, overrides)
-    result = pretrain(cfg, out_dir=args.out, resume=args.resume)
+    if args.resume:
+        cfg = _resume_config(Path(args.out) if args.out else default_run_dir(cfg), overrides)
+    result = pretrain(cfg, out_dir=args.out, resume=args.resume, device=device)
     print(f"run directory: {result.run_dir} ({result.status})")
     return 0 if result.status in ("finished", "interrupted") else 1
+
+
+def _resume_config(run_dir: Path, overrides: list[str]):
+    """A resumed run keeps its own config; only settings that change how it computes may change."""
+    from dinokit.config import Config, apply_override
+    from dinokit.train.loop import RESUMABLE_KEYS
+
+    if not (run_dir / "config.json").is_file():
+        raise FileNotFoundError(f"--resume: {run_dir} holds no run (no config.json); start it without --resume")
+    cfg = Config.load(run_dir / "config.json")
+    for text in overrides:
+        key, _, value = text.partition("=")
+        if key.strip() not in RESUMABLE_KEYS:
+            raise ValueError(
+                f"{key.strip()} cannot change when resuming {run_dir} (it would make a different run); "
+                f"these can: {', '.join(RESUMABLE_KEYS)}. Start a new run with --out for other changes."
+            )
+        apply_override(cfg, key.strip(), value.strip())
+    return cfg
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from dinokit.demo import run_demo
 
-    results = run_demo(args.preset, args.out, args.set)
+    results = run_demo(args.preset, args.out, args.set, device=args.device)
     return 0 if results["status"] == "finished" else 1
 
 
@@ -69,7 +93,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.modes:
         for case in cases:
             case.modes = tuple(m for m in case.modes if m in args.modes)
-    records = run_bench(cases, backends=args.backends, warmup=args.warmup, repeats=args.repeats)
+    records = run_bench(cases, backends=args.backends, warmup=args.warmup, repeats=args.repeats, device=args.device)
     print(format_table(records))
     out = save_records(records, args.out or paths.report_dir() / "bench" / f"{args.preset}.json")
     print(f"\nwrote {out}")
@@ -82,7 +106,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     both = not (args.knn or args.linear)
     metrics = evaluate_run(
         args.run_dir, args.data, args.which, baselines=not args.no_baselines,
-        knn=args.knn or both, linear=args.linear or both,
+        knn=args.knn or both, linear=args.linear or both, device=args.device,
     )  # fmt: skip
     print(results_table(metrics))
     if "linear" in metrics:
@@ -93,13 +117,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _default_run(run_dir: str | None) -> Path:
-    return Path(run_dir) if run_dir else paths.runs_dir() / paths.profile()
+    """The run of ``DINOKIT_PROFILE`` on the data in use: ``runs/<profile>-<dataset>``."""
+    from dinokit.runs import profile_run_dir
+
+    return Path(run_dir) if run_dir else profile_run_dir()
 
 
 def _cmd_attention(args: argparse.Namespace) -> int:
     from dinokit.viz.attention_run import compute_run_attention
 
-    out = compute_run_attention(_default_run(args.run_dir), args.images, args.size)
+    out = compute_run_attention(_default_run(args.run_dir), args.images, args.size, device=args.device)
     print(f"wrote {out}")
     return 0
 
@@ -121,6 +148,12 @@ def _cmd_video(args: argparse.Namespace) -> int:
     info = probe(out) if out.suffix == ".mp4" else {}
     print(f"wrote {out} in {time.perf_counter() - start:.1f} s {info}")
     return 0
+
+
+def _device_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device", default="auto", metavar="auto|cpu|cuda|cuda:N", help="where to compute (auto: CUDA when present)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,9 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain = sub.add_parser("pretrain", help="DINOv2 self-supervised pre-training")
     pretrain.add_argument("--preset", default="cpu-demo", choices=["default", *PRESETS])
     pretrain.add_argument("--data", help="data root (default: DINOKIT_DATA or the embedded dataset)")
-    pretrain.add_argument("--out", help="run directory (default: runs/<preset>)")
+    pretrain.add_argument("--out", help="run directory (default: runs/<preset>-<dataset>)")
     pretrain.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.epochs=10")
     pretrain.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    _device_option(pretrain)
     pretrain.set_defaults(func=_cmd_pretrain)
 
     evaluate = sub.add_parser("eval", help="kNN + linear probe of a run, with baselines, on the held-out split")
@@ -169,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-baselines", action="store_true", help="skip random-init and pixel baselines")
     evaluate.add_argument("--knn", action="store_true", help="kNN only (default: kNN and linear)")
     evaluate.add_argument("--linear", action="store_true", help="linear probe only (default: kNN and linear)")
+    _device_option(evaluate)
     evaluate.set_defaults(func=_cmd_eval)
 
     from dinokit.bench import MODES
@@ -181,12 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=1)
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--out", help="JSON path (default: report/bench/<preset>.json)")
+    _device_option(bench)
     bench.set_defaults(func=_cmd_bench)
 
     attention = sub.add_parser("attention", help="CLS attention maps of held-out images, per checkpoint")
     attention.add_argument("run_dir", nargs="?", help="default: runs/$DINOKIT_PROFILE")
     attention.add_argument("--images", type=int, default=8)
     attention.add_argument("--size", type=int, help="image size (rounded to a patch multiple); default: eval size")
+    _device_option(attention)
     attention.set_defaults(func=_cmd_attention)
 
     report = sub.add_parser("report", help="rebuild report/figures and report/report.{md,html} from saved results")
@@ -201,8 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the whole story on the embedded dataset (resumable)")
     demo.add_argument("--preset", default="cpu-demo", choices=["default", *PRESETS])
-    demo.add_argument("--out", help="run directory (default: runs/<preset>)")
+    demo.add_argument("--out", help="run directory (default: runs/<preset>-<dataset>)")
     demo.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    _device_option(demo)
     demo.set_defaults(func=_cmd_demo)
     return parser
 
@@ -211,14 +249,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     from dinokit.data.har import DatasetError
-    from dinokit.eval.run_eval import EvalError
+    from dinokit.runs import RunError
 
     try:
         return args.func(args)
-    except (DatasetError, EvalError, KeyError, ValueError, FileNotFoundError, FileExistsError) as exc:
+    except (DatasetError, RunError, KeyError, ValueError, FileNotFoundError, FileExistsError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"dinokit: error: {message}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:  # training diverged or ran out of memory: the message says what to do
+        if type(exc).__name__ not in ("TrainingDiverged", "TrainingOutOfMemory"):
+            raise
+        print(f"dinokit: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

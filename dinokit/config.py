@@ -34,6 +34,9 @@ class CropConfig:
     n_local: int = 8
     global_scale: tuple[float, float] = (0.32, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.32)
+    # Blur probability of global crop 1, global crop 2, local crops: the papers' 1.0 / 0.1 / 0.5.
+    # The official code effectively applies 0.0 / 0.9 / 0.5 (see dinokit/data/crops.py).
+    blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)
     eval_size: int = 224
 
 
@@ -54,13 +57,17 @@ class ModelConfig:
     num_heads: int = 0
     n_registers: int = 0
     layerscale: float = 1e-5  # DINOv2 init value for LayerScale; 0 disables it
-    drop_path: float = 0.1
+    # Stochastic depth of the student (the teacher has none): DINOv2's ssl_default_config.yaml
+    # uses drop_path_rate 0.3 in every block (drop_path_uniform: true); false ramps 0 -> rate.
+    drop_path: float = 0.3
+    drop_path_uniform: bool = True
     efficient_drop_path: bool = True
     attention: str = "sdpa"
     init: str = "random"  # "random" | "dinov2" (official weights via timm)
     head_prototypes: int = 65536
     head_hidden: int = 2048
     head_bottleneck: int = 256
+    head_norm_last_layer: bool = False  # True: DINO v1's frozen prototype norm g = 1; False: DINOv2 trains g
     ibot_separate_head: bool = False
 
 
@@ -102,6 +109,7 @@ class TrainConfig:
     precision: str = "auto"  # "auto" | "fp32" | "bf16" | "fp16"
     compile: bool = False
     fsdp: bool = False
+    grad_checkpointing: bool = False  # recompute each block in the backward: far less memory, ~30 % more time
     iters_per_epoch: int = 0  # 0: images // global batch
     max_iters: int = 0  # 0: epochs * iters_per_epoch
     log_every: int = 10

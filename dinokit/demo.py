@@ -13,11 +13,12 @@ import logging
 import time
 from pathlib import Path
 
-from dinokit import paths
+from dinokit import paths, runs
 from dinokit.config import make_config
+from dinokit.data.source import prepare_split
+from dinokit.device import resolve_device
 from dinokit.eval.run_eval import evaluate_run, results_table
-from dinokit.train.loop import prepare_split, pretrain
-from dinokit.train.run_dir import run_progress
+from dinokit.train.loop import pretrain
 
 log = logging.getLogger("dinokit.demo")
 
@@ -27,29 +28,35 @@ def _step(title: str) -> float:
     return time.perf_counter()
 
 
-def run_demo(preset: str = "cpu-demo", out_dir: str | Path | None = None, overrides: list[str] | None = None) -> dict:
-    run_dir = Path(out_dir) if out_dir else paths.runs_dir() / preset
+def run_demo(
+    preset: str = "cpu-demo",
+    out_dir: str | Path | None = None,
+    overrides: list[str] | None = None,
+    device: str = "auto",
+) -> dict:
+    device = str(resolve_device(device))  # fail early on a device this machine does not have
+    cfg = make_config(preset, overrides)
+    run_dir = Path(out_dir) if out_dir else runs.default_run_dir(cfg)
     timings: dict[str, float] = {}
 
     start = _step("1/7 data: the embedded dataset and its fixed split")
-    cfg = make_config(preset, overrides)
     split = prepare_split(cfg)
     print(f"{len(split.classes)} classes; {split.summary()}")
     timings["data_s"] = time.perf_counter() - start
 
     start = _step(f"2/7 pre-training ({preset}) -> {run_dir}")
-    done, total = run_progress(run_dir)
+    done, total = runs.run_progress(run_dir)
     if total and done >= total:
         print(f"already trained ({done}/{total} iterations); delete {run_dir} to retrain")
     else:
-        result = pretrain(cfg, out_dir=run_dir, resume=done > 0)
+        result = pretrain(cfg, out_dir=run_dir, resume=done > 0, device=device)
         if result.status != "finished":
             print(f"pre-training {result.status}; run `make demo` again to resume")
             return {"status": result.status, "run_dir": str(run_dir)}
     timings["pretrain_s"] = time.perf_counter() - start
 
     start = _step("3/7 evaluation on the held-out split: pre-trained vs random init vs pixels")
-    metrics = evaluate_run(run_dir)
+    metrics = evaluate_run(run_dir, device=device)
     timings["eval_s"] = time.perf_counter() - start
     print(results_table(metrics))
     start = _step("4/7 speed study: FlashAttention on vs off (CPU sweep)")
@@ -59,7 +66,7 @@ def run_demo(preset: str = "cpu-demo", out_dir: str | Path | None = None, overri
     else:
         from dinokit.bench import PRESETS, format_table, run_bench, save_records
 
-        records = run_bench(PRESETS["cpu-quick"])
+        records = run_bench(PRESETS["cpu-quick"], device=device)
         print(format_table(records))
         save_records(records, bench_json)
     timings["bench_s"] = time.perf_counter() - start
@@ -67,7 +74,7 @@ def run_demo(preset: str = "cpu-demo", out_dir: str | Path | None = None, overri
     start = _step("5/7 attention maps of held-out images, per checkpoint")
     from dinokit.viz.attention_run import compute_run_attention
 
-    print(f"wrote {compute_run_attention(run_dir)}")
+    print(f"wrote {compute_run_attention(run_dir, device=device)}")
     timings["attention_s"] = time.perf_counter() - start
 
     start = _step("6/7 report (from saved artifacts)")

@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from dinokit import paths  # noqa: E402
-from dinokit.train.run_dir import read_metrics  # noqa: E402
+from dinokit.runs import profile_run_dir, read_metrics  # noqa: E402
 from dinokit.viz import plots  # noqa: E402
 from dinokit.viz.attention import head_overlay, mass_mask  # noqa: E402
 
@@ -304,7 +304,7 @@ def _attention_section(r: Report, run_dir: Path) -> None:
 
 def build_report(run_dir: str | Path | None = None, out_dir: str | Path | None = None) -> Path:
     """Rebuild ``report/report.{md,html}`` and ``report/figures/`` from saved artifacts."""
-    run_dir = Path(run_dir) if run_dir else paths.runs_dir() / paths.profile()
+    run_dir = Path(run_dir) if run_dir else profile_run_dir()
     out_dir = Path(out_dir) if out_dir else paths.report_dir()
     r = Report(out_dir)
     title = f"DINOv2 pre-training report: {run_dir.name}"

@@ -10,7 +10,7 @@ import torch
 import torch.multiprocessing as mp
 
 from dinokit.config import make_config
-from dinokit.train.checkpoint import load_checkpoint
+from dinokit.runs import load_checkpoint
 
 
 def _free_port() -> int:

@@ -6,8 +6,8 @@ from PIL import Image
 from dinokit.config import MaskConfig
 from dinokit.data.crops import MultiCrop, denormalize, eval_transform
 from dinokit.data.har import Record
-from dinokit.data.loader import EpochSampler, MultiCropDataset, collate_multicrop
-from dinokit.data.masking import block_mask, mask_weights, sample_masks
+from dinokit.data.loader import EpochSampler, MultiCropCollate, MultiCropDataset
+from dinokit.data.masking import MaskPlan, block_mask, mask_weights
 
 
 @pytest.mark.parametrize("n_masked", [4, 20, 50, 100])
@@ -26,14 +26,29 @@ def test_block_mask_is_made_of_blocks() -> None:
     assert (neighbours[mask]).mean() > 0.95
 
 
-def test_sample_masks_statistics() -> None:
-    rng = np.random.default_rng(0)
-    masks = torch.cat([sample_masks((14, 14), 2, rng, 0.5, (0.1, 0.5)) for _ in range(500)])
-    masked = masks.any(dim=1)
-    assert 0.45 < masked.float().mean() < 0.55  # half of the global crops
-    ratios = masks[masked].float().mean(dim=1)
-    assert ratios.min() >= 0.07 and ratios.max() <= 0.5
-    assert 0.25 < ratios.mean() < 0.32  # uniform in [0.1, 0.5] -> 0.3 (a little under: blocks stop early)
+def test_mask_plan_masks_exactly_half_with_ratios_spread_over_bins() -> None:
+    """As dinov2/data/collate.py: int(0.5 * crops) masked, masked crop i's ratio in the i-th of equal bins."""
+    plan = MaskPlan.draw(seed=0, iteration=3, n_crops=64, probability=0.5, ratio=(0.1, 0.5))
+    masked = np.sort(plan.ratios[plan.ratios > 0])
+    assert len(masked) == 32  # exactly half, every batch
+    edges = np.linspace(0.1, 0.5, 33)
+    assert np.all((masked >= edges[:-1]) & (masked <= edges[1:]))  # one ratio per bin: evenly spread
+    other = MaskPlan.draw(seed=0, iteration=4, n_crops=64)
+    assert not np.array_equal(plan.ratios > 0, other.ratios > 0)  # which crops: a new draw per step
+    masks = plan.masks((14, 14), np.arange(64), seed=0, iteration=3)
+    assert int(masks.any(dim=1).sum()) == 32
+    got = masks.float().mean(dim=1)[torch.from_numpy(plan.ratios > 0)]
+    want = torch.from_numpy(plan.ratios[plan.ratios > 0]).float()
+    assert torch.all(got <= want + 1e-6) and torch.all(got >= want - 0.05)  # blocks stop just short
+    # a process builds only its own crops' masks, and they equal the single process's
+    assert torch.equal(plan.masks((14, 14), np.arange(16, 32), 0, 3), masks[16:32])
+
+
+def test_every_batch_masks_exactly_half_even_a_tiny_one() -> None:
+    """The bug this replaced: independent coin flips left a whole batch unmasked with prob. 0.5^(2B)."""
+    for it in range(50):
+        plan = MaskPlan.draw(seed=1, iteration=it, n_crops=4)  # batch 2: two global crops each
+        assert int((plan.ratios > 0).sum()) == 2
 
 
 def test_mask_weights_give_each_image_weight_one() -> None:
@@ -59,12 +74,13 @@ def test_dataset_collate_and_bad_images(tmp_path) -> None:
     good = tmp_path / "a.png"
     Image.fromarray(np.zeros((40, 40, 3), dtype=np.uint8)).save(good)
     records = [Record("a", 0, str(good)), Record("b", 1, str(tmp_path / "missing.png")), Record("c", 2, str(good))]
-    ds = MultiCropDataset(records, MultiCrop(16, 8, 2), (2, 2), MaskConfig(probability=1.0))
-    batch = collate_multicrop([ds[i] for i in range(3)])
+    ds = MultiCropDataset(records, MultiCrop(16, 8, 2))
+    collate = MultiCropCollate((4, 4), MaskConfig(probability=1.0), seed=0, global_batch=3)
+    batch = collate([ds[(0, i, i)] for i in range(3)])
     assert batch["size"] == 2 and batch["bad"] == [("b", "missing file")]
     assert batch["global"].shape == (4, 3, 16, 16)  # view-major: 2 views x 2 images
     assert batch["local"].shape == (4, 3, 8, 8)
-    assert batch["masks"].shape == (4, 4) and batch["masks"].any(dim=1).all()
+    assert batch["masks"].shape == (4, 16) and batch["masks"].any(dim=1).all()
     # Same (seed, epoch, index) -> the same crops, whatever happened before.
     again = ds[2]
     torch.manual_seed(123)
@@ -73,13 +89,15 @@ def test_dataset_collate_and_bad_images(tmp_path) -> None:
 
 def test_epoch_sampler_resume_and_ranks() -> None:
     full = list(EpochSampler(40, 8, 5, seed=3))
-    assert sorted(full) == list(range(40))
+    assert sorted(i for _, _, i in full) == list(range(40))
+    assert [(it, pos) for it, pos, _ in full[:9]] == [(0, p) for p in range(8)] + [(1, 0)]
     s = EpochSampler(40, 8, 5, seed=3)
     s.set_position(0, start_iter=2)
     assert list(s) == full[16:]
     ranks = [EpochSampler(40, 8, 5, seed=3, rank=r, world=2) for r in (0, 1)]
     per_rank = [list(r) for r in ranks]
-    rebuilt = [i for b in range(5) for r in per_rank for i in r[4 * b : 4 * b + 4]]
-    assert rebuilt == full
+    rebuilt = [k for b in range(5) for r in per_rank for k in r[4 * b : 4 * b + 4]]
+    assert rebuilt == full  # same indices at the same (iteration, position): same masks too
     s.set_position(1)
-    assert list(s) != full
+    assert [k[0] for k in s][:1] == [5]  # epoch 1 starts at iteration 5
+    assert [k[2] for k in s] != [k[2] for k in full]

@@ -92,11 +92,17 @@ def test_efficient_drop_path_matches_expectation() -> None:
 
 
 def test_dino_head_logits_are_cosines() -> None:
+    """Both conventions start as cosines (g = 1); DINOv2 trains g, DINO v1 freezes it."""
     head = DINOHead(48, out_dim=32, hidden_dim=64, bottleneck_dim=16)
     logits = head(torch.randn(5, 48))
     assert logits.shape == (5, 32) and logits.abs().max() <= 1.0 + 1e-5
     g = head.last_layer.parametrizations.weight.original0
-    assert not g.requires_grad and torch.allclose(g, torch.ones_like(g))
+    assert g.requires_grad and torch.allclose(g, torch.ones_like(g))  # DINOv2: g is a parameter
+    logits.sum().backward()
+    assert g.grad is not None and g.grad.abs().sum() > 0
+    v1 = DINOHead(48, out_dim=32, hidden_dim=64, bottleneck_dim=16, freeze_norm=True)
+    g1 = v1.last_layer.parametrizations.weight.original0
+    assert not g1.requires_grad and torch.allclose(g1, torch.ones_like(g1))  # DINO v1: norm_last_layer
 
 
 def test_dinov2_weights_load_and_match_timm() -> None:

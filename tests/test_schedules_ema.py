@@ -67,7 +67,10 @@ def test_layer_ids_and_param_groups() -> None:
     assert math.isclose(by_name["backbone.patch_embed.proj.weight"]["lr_mult"], 0.5**3 * 0.2)
     assert by_name["backbone.norm.weight"]["wd_mult"] == 0.0
     assert by_name["backbone.blocks.0.attn.qkv.bias"]["wd_mult"] == 0.0
-    assert by_name["backbone.pos_embed"]["wd_mult"] == 0.0
+    # As dinov2/utils/param_groups.py: the tokens and the prototypes' norm scale are decayed.
+    assert by_name["backbone.pos_embed"]["wd_mult"] == 1.0
+    assert by_name["backbone.cls_token"]["wd_mult"] == 1.0
+    assert by_name["dino_head.last_layer.parametrizations.weight.original0"]["wd_mult"] == 1.0
     assert by_name["backbone.blocks.0.mlp.fc1.weight"]["wd_mult"] == 1.0
     last = [g for g in groups if g["is_last_layer"]]
     assert last and all("last_layer" in n for g in last for n in g["names"])

@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from dinokit.config import make_config
-from dinokit.train.checkpoint import load_checkpoint, save_atomic
+from dinokit.runs import CheckpointError, load_backbone, load_checkpoint, read_metrics, run_progress, save_atomic
 from dinokit.train.loop import TrainingDiverged, pretrain
-from dinokit.train.run_dir import load_backbone, read_metrics, run_progress
 
 
 @pytest.fixture
@@ -128,7 +127,7 @@ def test_checkpoint_loading_never_runs_code(tmp_path: Path) -> None:
 
     path = tmp_path / "evil.pt"
     path.write_bytes(pickle.dumps({"x": Evil()}))
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(CheckpointError):
         load_checkpoint(path)
 
 

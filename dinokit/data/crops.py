@@ -1,9 +1,16 @@
 """DINOv2 multi-crop augmentation on torchvision.transforms.v2.
 
 Two global crops (scale 0.32-1) and N local crops (scale 0.05-0.32), each flipped, colour
-jittered (p=0.8), greyscaled (p=0.2) and blurred (p=1.0 / 0.1 on the globals, 0.5 on locals);
-the second global crop is solarized with p=0.2. Values from dinov2/data/augmentations.py.
-Blur radii are scaled with the crop size, so a 48 px crop is blurred like a 224 px one.
+jittered (p=0.8), greyscaled (p=0.2) and blurred; the second global crop is solarized with p=0.2.
+Values from dinov2/data/augmentations.py. Blur radii are scaled with the crop size, so a 48 px
+crop is blurred like a 224 px one.
+
+Blur probabilities (``crops.blur_p``, global 1 / global 2 / local): dinokit follows the papers
+(BYOL's asymmetric pair, kept by DINO and DINOv2), 1.0 / 0.1 / 0.5: one global view always
+blurred, the other rarely but solarized sometimes. The official DINOv2 code *effectively* uses
+0.0 / 0.9 / 0.5: its ``GaussianBlur(p)`` hands ``1 - p`` to ``RandomApply`` (dinov2 PR #411), and
+the released checkpoints were trained that way. The kit teaches the method as published; set
+``crops.blur_p=(0.0,0.9,0.5)`` to reproduce the official code's behaviour exactly.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from torchvision.transforms import v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+BLUR_P = (1.0, 0.1, 0.5)  # global 1, global 2, local: the papers' values (see the module docstring)
 
 
 def _normalize() -> v2.Compose:
@@ -45,14 +53,16 @@ class MultiCrop:
         n_local: int = 8,
         global_scale: tuple[float, float] = (0.32, 1.0),
         local_scale: tuple[float, float] = (0.05, 0.32),
+        blur_p: tuple[float, float, float] = BLUR_P,
     ) -> None:
         crop_g = v2.RandomResizedCrop(global_size, scale=global_scale, interpolation=v2.InterpolationMode.BICUBIC)
         crop_l = v2.RandomResizedCrop(local_size, scale=local_scale, interpolation=v2.InterpolationMode.BICUBIC)
-        self.global1 = v2.Compose([crop_g, _colour(), _blur(1.0, global_size), _normalize()])
+        p1, p2, p_local = blur_p
+        self.global1 = v2.Compose([crop_g, _colour(), _blur(p1, global_size), _normalize()])
         self.global2 = v2.Compose(
-            [crop_g, _colour(), _blur(0.1, global_size), v2.RandomSolarize(threshold=128, p=0.2), _normalize()]
+            [crop_g, _colour(), _blur(p2, global_size), v2.RandomSolarize(threshold=128, p=0.2), _normalize()]
         )
-        self.local = v2.Compose([crop_l, _colour(), _blur(0.5, local_size), _normalize()])
+        self.local = v2.Compose([crop_l, _colour(), _blur(p_local, local_size), _normalize()])
         self.n_local = n_local
 
     def __call__(self, image) -> dict[str, list[torch.Tensor]]:

@@ -1,25 +1,26 @@
 """Torch dataset, sampler and collate for pre-training.
 
-Every random choice for a sample (crops, flips, colour, masks) is seeded by (seed, epoch, index),
-and the sampler yields a seeded permutation per epoch that can start at any iteration. Together
-they make a resumed run see exactly the batches an uninterrupted run would have seen, and let
-``torchrun`` processes split one global batch exactly the way a single process would.
+Every random choice for a sample's crops (crops, flips, colour) is seeded by (seed, epoch, index);
+the iBOT masks are planned per global batch, seeded by (seed, iteration) (see
+:mod:`dinokit.data.masking`). The sampler yields a seeded permutation per epoch that can start at
+any iteration, as keys ``(iteration, position in the global batch, index)``. Together they make a
+resumed run see exactly the batches an uninterrupted run would have seen, and let ``torchrun``
+processes split one global batch exactly the way a single process would.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
 from dinokit.config import MaskConfig
-from dinokit.data.crops import MultiCrop
 from dinokit.data.har import Record
 from dinokit.data.images import BadImage, load_rgb
-from dinokit.data.masking import sample_masks
+from dinokit.data.masking import MaskPlan
 
 
 def seed_of(*parts: int) -> int:
@@ -27,20 +28,15 @@ def seed_of(*parts: int) -> int:
 
 
 class MultiCropDataset(Dataset):
-    """Records -> multi-crop views + iBOT masks; a bad image yields ``{"bad": (name, reason)}``."""
+    """Sampler keys -> ``transform(image)`` + label; a bad image yields ``{"bad": (name, reason)}``.
 
-    def __init__(
-        self,
-        records: Sequence[Record],
-        transform: MultiCrop,
-        grid: tuple[int, int],
-        masks: MaskConfig,
-        seed: int = 0,
-    ) -> None:
+    A key is an index, or ``(iteration, position, index)`` from :class:`EpochSampler`; the
+    iteration and position travel on to the collate, which plans the iBOT masks.
+    """
+
+    def __init__(self, records: Sequence[Record], transform: Callable, seed: int = 0) -> None:
         self.records = list(records)
         self.transform = transform
-        self.grid = grid
-        self.masks = masks
         self.seed = seed
         self.epoch = 0
 
@@ -50,7 +46,8 @@ class MultiCropDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int, int]) -> dict:
+        iteration, position, index = key if isinstance(key, tuple) else (None, None, key)
         record = self.records[index]
         sample_seed = seed_of(self.seed, self.epoch, index)
         torch.manual_seed(sample_seed)
@@ -60,31 +57,42 @@ class MultiCropDataset(Dataset):
         except BadImage as exc:
             return {"bad": (record.name, str(exc))}
         views = self.transform(image)
-        rng = np.random.default_rng(sample_seed)
-        masks = sample_masks(
-            self.grid, len(views["global"]), rng, self.masks.probability, (self.masks.ratio_min, self.masks.ratio_max)
-        )
-        return {**views, "masks": masks, "label": record.label, "index": index}
+        return {**views, "label": record.label, "index": index, "iteration": iteration, "position": position}
 
 
-def collate_multicrop(samples: list[dict]) -> dict:
-    """Stack views view-major (all images' view 0, then view 1, …), as DINOv2 does; drop bad ones."""
-    bad = [s["bad"] for s in samples if "bad" in s]
-    good = [s for s in samples if "bad" not in s]
-    if not good:
-        return {"bad": bad, "size": 0}
-    n_global, n_local = len(good[0]["global"]), len(good[0]["local"])
-    batch = {
-        "global": torch.stack([s["global"][v] for v in range(n_global) for s in good]),
-        "masks": torch.stack([s["masks"][v] for v in range(n_global) for s in good]),
-        "labels": torch.tensor([s["label"] for s in good]),
-        "indices": torch.tensor([s["index"] for s in good]),
-        "bad": bad,
-        "size": len(good),
-    }
-    if n_local:
-        batch["local"] = torch.stack([s["local"][v] for v in range(n_local) for s in good])
-    return batch
+class MultiCropCollate:
+    """Stack a batch view-major (all images' view 0, then view 1, ...), as DINOv2 does; drop bad
+    samples; add the iBOT masks of this process's share of the global batch's plan."""
+
+    def __init__(self, grid: tuple[int, int], masks: MaskConfig, seed: int, global_batch: int, n_global: int = 2):
+        self.grid, self.cfg, self.seed = grid, masks, seed
+        self.global_batch, self.n_global = global_batch, n_global
+
+    def __call__(self, samples: list[dict]) -> dict:
+        bad = [s["bad"] for s in samples if "bad" in s]
+        good = [s for s in samples if "bad" not in s]
+        if not good:
+            return {"bad": bad, "size": 0}
+        batch: dict = {
+            "labels": torch.tensor([s["label"] for s in good]),
+            "indices": torch.tensor([s["index"] for s in good]),
+            "bad": bad,
+            "size": len(good),
+        }
+        for key, value in good[0].items():
+            if isinstance(value, list):  # crops: view-major
+                batch[key] = torch.stack([s[key][v] for v in range(len(value)) for s in good])
+            elif isinstance(value, torch.Tensor):  # e.g. decoded canvases for device augmentation
+                batch[key] = torch.stack([s[key] for s in good])
+        iteration = good[0]["iteration"] or 0
+        positions = [i if s["position"] is None else s["position"] for i, s in enumerate(good)]
+        plan = MaskPlan.draw(
+            self.seed, iteration, self.n_global * self.global_batch, self.cfg.probability,
+            (self.cfg.ratio_min, self.cfg.ratio_max),
+        )  # fmt: skip
+        crops = np.array([v * self.global_batch + p for v in range(self.n_global) for p in positions])
+        batch["masks"] = plan.masks(self.grid, crops, self.seed, iteration)
+        return batch
 
 
 class EpochSampler(Sampler[int]):
@@ -105,12 +113,16 @@ class EpochSampler(Sampler[int]):
     def set_position(self, epoch: int, start_iter: int = 0) -> None:
         self.epoch, self.start_iter = epoch, start_iter
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        """Keys ``(iteration, position in the global batch, index)``."""
         perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
         local = self.global_batch // self.world
+        first = self.rank * local
         for b in range(self.start_iter, self.iters):
             chunk = perm[b * self.global_batch : (b + 1) * self.global_batch]
-            yield from chunk[self.rank * local : (self.rank + 1) * local].tolist()
+            iteration = self.epoch * self.iters + b
+            for position in range(first, first + local):
+                yield iteration, position, int(chunk[position])
 
     def __len__(self) -> int:
         return (self.iters - self.start_iter) * (self.global_batch // self.world)

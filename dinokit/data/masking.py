@@ -1,15 +1,19 @@
 """iBOT block masks, as in BEiT / iBOT / DINOv2.
 
 A mask is built from random rectangles (area >= 4 patches, aspect ratio in [0.3, 1/0.3]) until
-the requested number of patches is covered. DINOv2 masks half of the global crops, with mask
-ratios spread evenly over [0.1, 0.5] across the batch. Here each global crop draws its own mask
-from a generator seeded by (seed, image index, view), so a sample's mask does not depend on which
-batch or which process it lands in: resumed and distributed runs see the same masks.
+the requested number of patches is covered. As the official collate does
+(``dinov2/data/collate.py``), exactly ``int(probability * crops)`` of a batch's global crops are
+masked, with ratios spread evenly over [0.1, 0.5]: masked crop i draws its ratio uniformly from
+the i-th of equal bins, and which crops are masked is a random permutation. Two differences,
+both for exact resume and for ``torchrun`` runs that equal one process: the plan is made for the
+*global* batch from a generator seeded by (seed, iteration), and each crop's rectangles come from
+its own generator seeded by (seed, iteration, crop), so a process builds only its own crops' masks.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -48,20 +52,39 @@ def block_mask(
     return mask
 
 
-def sample_masks(
-    grid: tuple[int, int],
-    n_views: int,
-    rng: np.random.Generator,
-    probability: float = 0.5,
-    ratio: tuple[float, float] = (0.1, 0.5),
-) -> torch.Tensor:
-    """Masks for ``n_views`` crops of one image: each masked with ``probability`` at a random ratio."""
-    n = grid[0] * grid[1]
-    out = np.zeros((n_views, n), dtype=bool)
-    for v in range(n_views):
-        if rng.random() < probability:
-            out[v] = block_mask(grid, int(round(n * rng.uniform(*ratio))), rng).reshape(-1)
-    return torch.from_numpy(out)
+@dataclass(frozen=True)
+class MaskPlan:
+    """Which global crops of one global batch are masked, and at what ratio (0: not masked).
+
+    Crops are numbered view-major over the global batch: crop ``v * global_batch + position``.
+    """
+
+    ratios: np.ndarray  # (n_views * global_batch,)
+
+    @classmethod
+    def draw(
+        cls, seed: int, iteration: int, n_crops: int, probability: float = 0.5, ratio: tuple[float, float] = (0.1, 0.5)
+    ) -> MaskPlan:
+        rng = np.random.default_rng([seed, iteration, _PLAN_STREAM])
+        n_masked = int(probability * n_crops)
+        edges = np.linspace(ratio[0], ratio[1], n_masked + 1)
+        ratios = np.zeros(n_crops)
+        ratios[rng.permutation(n_crops)[:n_masked]] = rng.uniform(edges[:-1], edges[1:])
+        return cls(ratios)
+
+    def masks(self, grid: tuple[int, int], crops: np.ndarray, seed: int, iteration: int) -> torch.Tensor:
+        """Boolean masks (len(crops), gh * gw) for the given crop numbers only."""
+        n = grid[0] * grid[1]
+        out = np.zeros((len(crops), n), dtype=bool)
+        for row, crop in enumerate(crops):
+            r = self.ratios[crop]
+            if r > 0:
+                rng = np.random.default_rng([seed, iteration, int(crop)])
+                out[row] = block_mask(grid, int(n * r), rng).reshape(-1)
+        return torch.from_numpy(out)
+
+
+_PLAN_STREAM = 7919  # keeps the plan's random stream apart from the per-crop ones
 
 
 def mask_weights(masks: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,9 @@
-"""Frozen feature extraction: batched, no grad, bad images skipped, with a progress bar."""
+"""Frozen feature extraction: batched, no grad, on any device, bad images skipped, with a progress bar.
+
+On a GPU the forward runs under autocast (bf16 or fp16, as :func:`dinokit.precision.choose_precision`
+picks) and features come back as fp32 on the CPU. A batch that does not fit is split in halves
+until it does, so the default batch size never stops an evaluation.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from dinokit.data.crops import eval_transform
 from dinokit.data.har import Record
 from dinokit.data.images import BadImage, ProblemLog, load_rgb
 from dinokit.models.vit import VisionTransformer
+from dinokit.precision import autocast
 
 
 class EvalDataset(Dataset):
@@ -65,6 +71,20 @@ def features_of(backbone: VisionTransformer, images: torch.Tensor, kinds: Sequen
     return {kind: _assemble(layers, kind) for kind in kinds}
 
 
+def _forward_fitting(backbone: VisionTransformer, images: torch.Tensor, kinds: Sequence[str]) -> dict:
+    """``features_of``, halving the batch on out-of-memory until it fits."""
+    try:
+        return features_of(backbone, images, kinds)
+    except torch.OutOfMemoryError:
+        if len(images) == 1:
+            raise
+        if images.is_cuda:
+            torch.cuda.empty_cache()
+        half = len(images) // 2
+        parts = [_forward_fitting(backbone, images[:half], kinds), _forward_fitting(backbone, images[half:], kinds)]
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
 @torch.no_grad()
 def extract_features(
     backbone: VisionTransformer,
@@ -73,17 +93,24 @@ def extract_features(
     batch_size: int = 128,
     kinds: Sequence[str] = ("cls",),
     device: torch.device | str = "cpu",
+    precision: str = "fp32",
     num_workers: int = 0,
     progress: bool = True,
     desc: str = "features",
 ) -> dict:
     """``{"features": {kind: (N, D) float tensor}, "labels": (N,), "indices": (N,), "problems": ProblemLog}``.
 
-    Images that cannot be read are skipped; ``indices`` says which records the rows belong to.
+    ``backbone`` is moved to ``device`` for the extraction and back afterwards. Images that cannot
+    be read are skipped; ``indices`` says which records the rows belong to.
     """
+    device = torch.device(device)
     was_training = backbone.training
-    backbone.eval()
-    loader = DataLoader(EvalDataset(records, size), batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
+    home = next(backbone.parameters()).device
+    backbone.eval().to(device)
+    loader = DataLoader(
+        EvalDataset(records, size), batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
+        pin_memory=device.type == "cuda",
+    )  # fmt: skip
     feats: dict[str, list[torch.Tensor]] = {k: [] for k in kinds}
     labels, indices, problems = [], [], ProblemLog()
     for images, labs, idx, bad in tqdm(loader, desc=desc, disable=not progress, leave=False):
@@ -92,12 +119,13 @@ def extract_features(
         if images is None:
             continue
         images = images.to(device, non_blocking=True)
-        out = features_of(backbone, images, kinds)
+        with autocast(precision, device):
+            out = _forward_fitting(backbone, images, kinds)
         for kind in kinds:
             feats[kind].append(out[kind].float().cpu())
         labels.append(labs)
         indices.append(idx)
-    backbone.train(was_training)
+    backbone.train(was_training).to(home)
     problems.warn_once("feature extraction")
     return {
         "features": {k: torch.cat(v) if v else torch.empty(0) for k, v in feats.items()},

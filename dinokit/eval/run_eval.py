@@ -19,47 +19,45 @@ import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 
+from dinokit import runs
 from dinokit.data.har import Record
 from dinokit.data.images import load_rgb
+from dinokit.data.source import prepare_split, resolve_data_root
 from dinokit.data.split import Split
+from dinokit.device import device_kind, resolve_device
 from dinokit.eval.baselines import random_init_backbone
 from dinokit.eval.features import FEATURE_KINDS, extract_features
 from dinokit.eval.knn import knn_accuracy
 from dinokit.eval.linear import linear_probe
 from dinokit.models.pretrained import load_timm_vit_weights, official_dinov2_state_dict
 from dinokit.models.vit import VisionTransformer, build_vit
-from dinokit.train.loop import prepare_split
-from dinokit.train.run_dir import load_backbone, run_config, run_progress
+from dinokit.precision import choose_precision
 
 log = logging.getLogger("dinokit.eval")
 KNN_KS = (10, 20, 100, 200)
 
 
-class EvalError(ValueError):
-    """The run or the data cannot be evaluated; the message says how to fix it."""
-
-
-def _check_split(run_dir: Path, split: Split) -> None:
-    info = run_dir / "run_info.json"
-    if not info.is_file():
-        return
-    expected = json.loads(info.read_text()).get("split_sha256")
-    if expected and expected != split.sha256:
-        raise EvalError(
-            f"the data's split (sha256 {split.sha256[:12]}…) is not the one {run_dir.name} was trained with "
-            f"({expected[:12]}…): evaluate on the same data root (--data) and split settings as the run, "
-            "or held-out images may have been used for pre-training"
-        )
+# The run or the data cannot be evaluated; the message says how to fix it (a missing, corrupt or
+# mismatched checkpoint, data that is not the run's). One error type for all run-folder problems.
+EvalError = runs.RunError
 
 
 def _features(
-    backbone: VisionTransformer, split: Split, size: int, cache: Path | None, kinds=FEATURE_KINDS
+    backbone: VisionTransformer,
+    split: Split,
+    size: int,
+    cache: Path | None,
+    device: torch.device,
+    precision: str,
+    kinds=FEATURE_KINDS,
 ) -> dict[str, dict]:
     if cache is not None and cache.is_file():
         return torch.load(cache, weights_only=True)
     out = {}
     for part, records in (("train", split.train), ("val", split.val), ("test", split.unlabeled)):
-        feats = extract_features(backbone, records, size, kinds=kinds, desc=f"features {part}")
+        feats = extract_features(
+            backbone, records, size, kinds=kinds, device=device, precision=precision, desc=f"features {part}"
+        )
         out[part] = {"features": feats["features"], "labels": feats["labels"], "indices": feats["indices"]}
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -133,40 +131,43 @@ def evaluate_run(
     baselines: bool = True,
     knn: bool = True,
     linear: bool = True,
+    device: str | torch.device = "auto",
 ) -> dict:
-    """Evaluate a run; writes ``RUN_DIR/eval/{metrics.json, per_class.csv, confusion.npy, predictions.csv}``."""
+    """Evaluate a run; writes ``RUN_DIR/eval/{metrics.json, per_class.csv, confusion.npy, predictions.csv}``.
+
+    Features of the run, the random-init baseline and the DINOv2 reference are extracted on
+    ``device`` (auto: CUDA when present) under autocast, then cached.
+    """
     run_dir = Path(run_dir)
-    if not (run_dir / "checkpoint.pt").is_file():
+    device = resolve_device(device)
+    precision = choose_precision("auto", device_kind(device))
+    if not (run_dir / runs.CHECKPOINT).is_file():
         raise EvalError(f"{run_dir} has no checkpoint.pt: train it first (`dinokit pretrain --out {run_dir}`)")
-    cfg = run_config(run_dir)
+    if not (knn or linear):
+        raise EvalError("nothing to evaluate: ask for --knn, --linear or both")
+    cfg = runs.run_config(run_dir)
     if data_root:
         cfg.data.root = data_root
     start = time.perf_counter()
     split = prepare_split(cfg, progress=False)
     if len({r.label for r in split.val}) < 2:
         raise EvalError(f"{cfg.data.root or 'the data root'} has fewer than 2 labelled classes: nothing to classify")
-    _check_split(run_dir, split)
-    try:
-        backbone = load_backbone(run_dir, which)
-    except RuntimeError as exc:
-        raise EvalError(
-            f"the checkpoint in {run_dir} does not fit the architecture in its config.json ({str(exc)[:200]}); "
-            "was config.json edited or copied from another run?"
-        ) from exc
+    runs.check_data(run_dir, split.sha256, resolve_data_root(cfg))
+    backbone = runs.load_backbone(run_dir, which)
     out_dir = run_dir / "eval"
     n_classes = len(split.classes)
-    if not (knn or linear):
-        raise EvalError("nothing to evaluate: ask for --knn, --linear or both")
     size = cfg.crops.eval_size
-    iteration = run_progress(run_dir)[0]  # in the cache key: a resumed run gets fresh features
+    iteration = runs.run_progress(run_dir)[0]  # in the cache key: a resumed run gets fresh features
     feature_files = {which: out_dir / f"features_{which}_{split.sha256[:12]}_it{iteration}.pt"}
-    feats = _features(backbone, split, size, feature_files[which])
+    feats = _features(backbone, split, size, feature_files[which], device, precision)
     metrics, probe = _probe_suite(feats, n_classes, probe_epochs, knn, linear)
-    metrics.update({"run": str(run_dir), "which": which, "split_sha256": split.sha256, "classes": split.classes})
-    metrics["chance"] = 100.0 / n_classes
+    metrics.update({"run": run_dir.name, "which": which, "split_sha256": split.sha256, "classes": split.classes})
+    metrics.update({"device": str(device), "precision": precision, "chance": 100.0 / n_classes})
     if baselines:
         feature_files["random_init"] = out_dir / f"features_random_{split.sha256[:12]}.pt"
-        random_feats = _features(random_init_backbone(cfg), split, size, feature_files["random_init"])
+        random_feats = _features(
+            random_init_backbone(cfg), split, size, feature_files["random_init"], device, precision
+        )
         metrics["baselines"] = {"random_init": _probe_suite(random_feats, n_classes, probe_epochs, knn, linear)[0]}
         if linear:
             metrics["baselines"]["pixels"] = pixel_baseline(split)
@@ -174,13 +175,8 @@ def evaluate_run(
         if reference is not None:
             model, ref_size = reference
             feature_files["dinov2_official"] = out_dir / f"features_dinov2_{split.sha256[:12]}_{ref_size}.pt"
-            ref_metrics = _probe_suite(
-                _features(model, split, ref_size, feature_files["dinov2_official"]),
-                n_classes,
-                probe_epochs,
-                knn,
-                linear,
-            )[0]
+            ref_feats = _features(model, split, ref_size, feature_files["dinov2_official"], device, precision)
+            ref_metrics = _probe_suite(ref_feats, n_classes, probe_epochs, knn, linear)[0]
             metrics["baselines"]["dinov2_official"] = {**ref_metrics, "image_size": ref_size}
     metrics["feature_files"] = {k: v.name for k, v in feature_files.items()}  # in RUN_DIR/eval/
     metrics["seconds"] = time.perf_counter() - start

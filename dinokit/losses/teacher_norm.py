@@ -30,13 +30,18 @@ class Centering(nn.Module):
 
     @torch.no_grad()
     def update(self, teacher_logits: torch.Tensor) -> None:
-        """EMA of the mean logit over the global batch (all processes)."""
+        """EMA of the mean logit over the global batch (all processes).
+
+        A batch with no rows (iBOT when no crop of the global batch drew a mask) leaves the centre
+        as it is: 0/0 would make it NaN for good. Decided on the device, without a sync.
+        """
         total = teacher_logits.float().sum(dim=0, keepdim=True)
         count = torch.tensor([teacher_logits.shape[0]], dtype=torch.float32, device=total.device)
         if _dist_on():
             dist.all_reduce(total)
             dist.all_reduce(count)
-        self.center.mul_(self.momentum).add_(total / count, alpha=1 - self.momentum)
+        updated = self.center * self.momentum + (total / count.clamp(min=1)) * (1 - self.momentum)
+        self.center.copy_(torch.where(count > 0, updated, self.center))
 
 
 @torch.no_grad()

@@ -16,7 +16,6 @@ from torch import nn
 from dinokit.losses.dino import DINOLoss
 from dinokit.losses.monitor import collapse_stats
 from dinokit.losses.teacher_norm import Centering
-from dinokit.train.teacher import ema_update
 
 
 def toy_dino(
@@ -60,7 +59,9 @@ def toy_dino(
         opt.zero_grad()
         loss.backward()
         opt.step()
-        ema_update(teacher, student, momentum)
+        with torch.no_grad():  # the EMA teacher, in two lines: t <- m t + (1 - m) s
+            for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
+                t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
         stats = collapse_stats(targets)
         history["loss"].append(float(loss.detach()))
         history["entropy"].append(stats["entropy"])

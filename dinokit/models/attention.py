@@ -2,10 +2,12 @@
 
 * ``naive``: softmax(QK^T / sqrt(d)) V written out. It materialises the N x N matrix; it is
   "FlashAttention off" in the speed study and the only backend that can return the weights.
-* ``sdpa``: PyTorch's ``scaled_dot_product_attention`` restricted to its flash kernel where one
-  exists for the input (FlashAttention-2 on CUDA for fp16/bf16, the flash kernel on the CPU).
+* ``sdpa``: PyTorch's ``scaled_dot_product_attention`` restricted to the best IO-aware kernel the
+  device has for the input ("FlashAttention on"): FlashAttention-2 on sm80+ GPUs in fp16/bf16, the
+  memory-efficient kernel on other GPUs and in fp32, the tiled flash kernel on the CPU. The choice is
+  :func:`dinokit.models.kernels.choose_sdpa_kernel`.
 * ``sdpa-efficient`` / ``sdpa-math``: SDPA's other kernels, for reference in the speed study.
-* ``flash-attn``: the Dao-AILab package (CUDA, fp16/bf16), only when it is installed.
+* ``flash-attn``: the Dao-AILab package (CUDA sm80+, fp16/bf16), only when it is installed.
 
 Parameter names follow timm (``qkv``, ``proj``) so timm and DINOv2 checkpoints load directly.
 """
@@ -19,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from dinokit.models.kernels import KERNELS, sdpa_kernel_for
 
 BACKENDS = ("naive", "sdpa", "sdpa-efficient", "sdpa-math", "flash-attn")
 
@@ -43,10 +47,7 @@ def _sdpa_context(backend: str, q: torch.Tensor) -> contextlib.AbstractContextMa
         return sdpa_kernel([SDPBackend.MATH])
     if backend == "sdpa-efficient":
         return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION])
-    if q.device.type == "cpu" or q.dtype in (torch.float16, torch.bfloat16):
-        return sdpa_kernel([SDPBackend.FLASH_ATTENTION])
-    # fp32 on CUDA has no flash kernel: let PyTorch pick the best fused one.
-    return contextlib.nullcontext()
+    return sdpa_kernel([KERNELS[sdpa_kernel_for(q)]])
 
 
 class Attention(nn.Module):

@@ -1,7 +1,12 @@
 """The DINO projection head: MLP -> L2 normalisation -> weight-normalised prototypes.
 
 As in DINO / DINOv2 (dinov2/layers/dino_head.py): 3 layers with GELU, a bottleneck, then a
-linear layer onto K prototypes whose weight norm is fixed to 1, so logits are cosine scores.
+weight-normalised linear layer onto K prototypes, W = g * V / ||V||. The scale g starts at 1.
+
+* DINOv2 (the default, ``freeze_norm=False``): g is trained (and weight-decayed, as every
+  parameter whose name is not a bias, norm or LayerScale gamma), so a prototype's logits can grow.
+* DINO v1 (``freeze_norm=True``, its ``norm_last_layer=True``): g stays 1, the prototypes only
+  rotate and the logits are exact cosines. DINO reports this as more stable for small ViTs.
 """
 
 from __future__ import annotations
@@ -14,7 +19,13 @@ from torch.nn.utils.parametrizations import weight_norm
 
 class DINOHead(nn.Module):
     def __init__(
-        self, in_dim: int, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256, n_layers: int = 3
+        self,
+        in_dim: int,
+        out_dim: int = 65536,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        n_layers: int = 3,
+        freeze_norm: bool = False,
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
@@ -26,9 +37,9 @@ class DINOHead(nn.Module):
         self.mlp = nn.Sequential(*layers)
         self.apply(self._init)
         self.last_layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
-        # Fix the norm g = 1: the prototypes only rotate (DINO's norm_last_layer=True).
         self.last_layer.parametrizations.weight.original0.data.fill_(1.0)
-        self.last_layer.parametrizations.weight.original0.requires_grad = False
+        if freeze_norm:  # DINO v1's norm_last_layer=True
+            self.last_layer.parametrizations.weight.original0.requires_grad = False
 
     @staticmethod
     def _init(module: nn.Module) -> None:

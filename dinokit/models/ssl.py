@@ -55,6 +55,7 @@ def build_ssl_model(cfg: ModelConfig, img_size: int) -> SSLModel:
         n_registers=cfg.n_registers,
         layerscale=cfg.layerscale,
         drop_path=cfg.drop_path,
+        drop_path_uniform=cfg.drop_path_uniform,
         efficient_drop_path=cfg.efficient_drop_path,
         attention=cfg.attention,
     )
@@ -66,7 +67,10 @@ def build_ssl_model(cfg: ModelConfig, img_size: int) -> SSLModel:
         raise ValueError(f"model.init must be 'random' or 'dinov2', got {cfg.init!r}")
 
     def head() -> DINOHead:
-        return DINOHead(backbone.embed_dim, cfg.head_prototypes, cfg.head_hidden, cfg.head_bottleneck)
+        return DINOHead(
+            backbone.embed_dim, cfg.head_prototypes, cfg.head_hidden, cfg.head_bottleneck,
+            freeze_norm=cfg.head_norm_last_layer,
+        )  # fmt: skip
 
     return SSLModel(backbone, head(), head() if cfg.ibot_separate_head else None)
 

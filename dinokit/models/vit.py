@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from timm.layers import DropPath, LayerScale, Mlp, PatchEmbed, resample_abs_pos_embed
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dinokit.models.attention import Attention, check_backend, set_attention_backend
 
@@ -84,11 +85,14 @@ class VisionTransformer(nn.Module):
         n_registers: int = 0,
         layerscale: float = 1e-5,
         drop_path: float = 0.0,
+        drop_path_uniform: bool = True,
         efficient_drop_path: bool = True,
         attention: str = "sdpa",
+        grad_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         check_backend(attention)
+        self.grad_checkpointing = grad_checkpointing
         self.patch_size = patch_size
         self.embed_dim = embed_dim
         self.num_heads = num_heads
@@ -101,8 +105,9 @@ class VisionTransformer(nn.Module):
         self.reg_token = nn.Parameter(torch.zeros(1, n_registers, embed_dim)) if n_registers else None
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid[0] * self.grid[1], embed_dim))
-        # Stochastic depth grows linearly with depth (DINOv2's drop_path_uniform=False).
-        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
+        # Stochastic depth: the same rate in every block (DINOv2's default, drop_path_uniform: true),
+        # or growing linearly from 0 in the first block to ``drop_path`` in the last.
+        rates = [drop_path if drop_path_uniform else drop_path * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, layerscale, r, efficient_drop_path, attention) for r in rates
         )
@@ -149,8 +154,11 @@ class VisionTransformer(nn.Module):
 
     def forward_features(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         x = self.prepare_tokens(x, masks)
+        checkpointing = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x)
+            # Activation checkpointing: keep only each block's input, recompute the rest in the
+            # backward (~1/3 more compute, a fraction of the memory; what lets the naive path fit).
+            x = checkpoint(block, x, use_reentrant=False) if checkpointing else block(x)
         out = self.norm(x)
         r = self.n_prefix_tokens
         return {"cls": out[:, 0], "reg": out[:, 1:r], "patch": out[:, r:], "prenorm": x}

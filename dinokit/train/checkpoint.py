@@ -1,38 +1,15 @@
-"""Atomic checkpoints that load without running code.
+"""RNG state for checkpoints, as plain tensors and lists so ``weights_only`` loading accepts it.
 
-A checkpoint is written to a temporary file in the same folder, flushed to disk, then renamed
-over the old one: a crash mid-write leaves the previous checkpoint intact. Loading uses
-``torch.load(weights_only=True)``, so a checkpoint can hold tensors, numbers, strings, lists
-and dicts, but never executes code.
+Writing and loading the checkpoint file itself (atomically; never running code) is the run
+folder's job: :func:`dinokit.runs.save_atomic`, :func:`dinokit.runs.load_checkpoint`.
 """
 
 from __future__ import annotations
 
-import os
 import random
-from pathlib import Path
 
 import numpy as np
 import torch
-
-
-def save_atomic(obj: object, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        torch.save(obj, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
-    """``mmap=True`` maps tensors lazily: cheap when only a few fields (e.g. the iteration) are read."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}; train first with `dinokit pretrain`")
-    return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
 
 
 def rng_state() -> dict:

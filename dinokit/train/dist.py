@@ -21,15 +21,16 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed() -> DistInfo:
-    """Join the process group when launched by ``torchrun`` (WORLD_SIZE > 1); else single process."""
+def init_distributed(device: torch.device) -> DistInfo:
+    """Join the process group when launched by ``torchrun`` (WORLD_SIZE > 1); else single process.
+
+    ``device`` comes from :func:`dinokit.device.resolve_device` (which already picked this
+    process's ``LOCAL_RANK`` GPU): NCCL on GPUs, gloo on CPUs.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0

@@ -1,8 +1,8 @@
-"""``dinokit pretrain``: the DINOv2 training loop.
+"""``dinokit pretrain``: the set-up around :func:`dinokit.train.step.train_step`.
 
-Read :func:`train_step` first: teacher and student forwards, the loss terms, backward, optimizer
-step and EMA, in one screen. :func:`pretrain` is the set-up around it: data and split, model,
-optimizer, schedules, resume, checkpoints, logging, signals and the kNN monitor.
+Data and split, model, optimizer, schedules, precision and attention kernel for the device,
+resume, checkpoints, logging, signals, the kNN monitor, and clear messages when a run diverges
+or runs out of memory. Read ``train_step`` first; this file is the plumbing around it.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import signal
 import time
 from dataclasses import dataclass, field
@@ -21,31 +22,37 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from dinokit import paths
+from dinokit import runs
 from dinokit.config import Config
 from dinokit.data.crops import MultiCrop
-from dinokit.data.har import load_dataset
 from dinokit.data.images import ProblemLog
-from dinokit.data.loader import EpochSampler, MultiCropDataset, collate_multicrop, seed_of
-from dinokit.data.split import Split, make_split
-from dinokit.data.synth import ensure_embedded
+from dinokit.data.loader import EpochSampler, MultiCropCollate, MultiCropDataset, seed_of
+from dinokit.data.source import data_tag, prepare_split, resolve_data_root
+from dinokit.data.split import Split
+from dinokit.device import device_kind, device_name, resolve_device
 from dinokit.eval.features import extract_features
 from dinokit.eval.knn import knn_accuracy
 from dinokit.losses.objective import DINOv2Objective
-from dinokit.models.ssl import SSLModel, build_architecture, build_ssl_model
-from dinokit.train.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
+from dinokit.models.kernels import describe_attention, flash_attn_problem
+from dinokit.models.ssl import build_architecture, build_ssl_model
+from dinokit.precision import DTYPES, choose_precision, grad_scaler, precision_warning
+from dinokit.train.checkpoint import rng_state, set_rng_state
 from dinokit.train.dist import DistInfo, any_rank, barrier, init_distributed
 from dinokit.train.fsdp import full_model_state, full_optimizer_state, load_full_state, shard
-from dinokit.train.param_groups import apply_schedules, build_param_groups
-from dinokit.train.precision import autocast, grad_scaler, resolve_precision
+from dinokit.train.param_groups import build_param_groups
 from dinokit.train.schedules import Schedules, build_schedules
-from dinokit.train.teacher import build_teacher, ema_update
+from dinokit.train.step import train_step
+from dinokit.train.teacher import build_teacher
 
 log = logging.getLogger("dinokit.train")
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class TrainingOutOfMemory(RuntimeError):
+    """The device ran out of memory; the message names the knobs, the last checkpoint is kept."""
 
 
 @dataclass
@@ -56,54 +63,17 @@ class RunResult:
     metrics: dict = field(default_factory=dict)
 
 
-def train_step(
-    student: nn.Module,
-    teacher: SSLModel,
-    objective: DINOv2Objective,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    batch: dict,
-    sched: dict[str, float],
-    precision: str,
-    device: torch.device,
-    clip_grad: float,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """One DINOv2 step. Returns the total loss (for the NaN check) and the logged terms."""
-    global_crops = batch["global"].to(device, non_blocking=True)
-    local_crops = batch["local"].to(device, non_blocking=True) if "local" in batch else None
-    masks = batch["masks"].to(device, non_blocking=True)
-    apply_schedules(optimizer, sched["lr"], sched["wd"], sched["last_layer_lr"])
-
-    with autocast(precision, device):
-        with torch.no_grad():  # the teacher sees only the unmasked global crops
-            teacher_out = teacher(global_crops, masks=masks, mask_input=False)
-        student_out = student(global_crops, local_crops, masks)  # masked globals + locals
-        loss, logs = objective(student_out, teacher_out, masks, sched["teacher_temp"])
-
-    # every process must skip the backward together, or the others hang
-    if any_rank(not torch.isfinite(loss.detach()), device):
-        return loss.detach() * float("nan"), logs
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    if clip_grad > 0:
-        scaler.unscale_(optimizer)
-        norm = nn.utils.clip_grad_norm_(student.parameters(), clip_grad)
-        logs["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-    scaler.step(optimizer)
-    scaler.update()
-    ema_update(teacher, student, sched["momentum"])
-    return loss, logs
-
-
-def resolve_data_root(cfg: Config) -> Path:
-    """``data.root``, else ``DINOKIT_DATA``, else the embedded dataset (generated on first use)."""
-    if cfg.data.root:
-        return Path(cfg.data.root)
-    har = paths.har_root()
-    if har is not None:
-        return har
-    n, size = cfg.data.synth_per_class, cfg.data.synth_size
-    return ensure_embedded(paths.embedded_dataset_dir(n, size), n, size)
+def knn_monitor(
+    backbone: nn.Module, split: Split, cfg: Config, device: torch.device | str = "cpu", precision: str = "fp32"
+) -> dict[str, float]:
+    """kNN top-1/top-5 of ``backbone``'s CLS features, train split -> held-out split."""
+    kw = dict(size=cfg.crops.eval_size, device=device, precision=precision, progress=False)
+    train = extract_features(backbone, split.train, **kw)
+    val = extract_features(backbone, split.val, **kw)
+    return knn_accuracy(
+        train["features"]["cls"], train["labels"], val["features"]["cls"], val["labels"],
+        len(split.classes), cfg.train.knn_k, cfg.train.knn_temperature,
+    )  # fmt: skip
 
 
 def _setup_logging(run_dir: Path, is_main: bool) -> None:
@@ -114,27 +84,10 @@ def _setup_logging(run_dir: Path, is_main: bool) -> None:
             logger.removeHandler(handler)
             handler.close()
     if is_main:
-        handler = logging.FileHandler(run_dir / "train.log")
+        handler = logging.FileHandler(run_dir / runs.LOG)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         handler._dinokit_run = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
-
-
-def prepare_split(cfg: Config, progress: bool = True) -> Split:
-    data = load_dataset(resolve_data_root(cfg))
-    data.problems.warn_once(f"reading {data.root}")
-    return make_split(data, cfg.data.val_fraction, cfg.data.split_seed, progress=progress)
-
-
-def knn_monitor(backbone: nn.Module, split: Split, cfg: Config, device: torch.device) -> dict[str, float]:
-    """kNN top-1/top-5 of ``backbone``'s CLS features, train split -> held-out split."""
-    kw = dict(size=cfg.crops.eval_size, device=device, progress=False)
-    train = extract_features(backbone, split.train, **kw)
-    val = extract_features(backbone, split.val, **kw)
-    return knn_accuracy(
-        train["features"]["cls"], train["labels"], val["features"]["cls"], val["labels"],
-        len(split.classes), cfg.train.knn_k, cfg.train.knn_temperature,
-    )  # fmt: skip
 
 
 class _StopFlag:
@@ -161,33 +114,96 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def pretrain(cfg: Config, out_dir: str | Path | None = None, resume: bool = False, on_step=None) -> RunResult:
-    """Train (or resume) a run in ``out_dir`` (default ``runs/<preset>``).
+# Settings that change how a run computes, not what it learns: a resumed run may change them
+# (e.g. turn on activation checkpointing after running out of memory). Everything else is the run's.
+RESUMABLE_KEYS = (
+    "data.num_workers", "train.grad_checkpointing", "model.attention", "train.compile", "train.num_threads",
+)  # fmt: skip
 
-    ``on_step(iteration, logs)`` is called after every step (tests use it to send signals).
+
+def resume_config(run_dir: Path, current: Config) -> Config:
+    """The run's own saved config, with the runtime settings of ``current``."""
+    saved = Config.load(run_dir / runs.CONFIG)
+    for key in RESUMABLE_KEYS:
+        section, name = key.split(".")
+        setattr(getattr(saved, section), name, getattr(getattr(current, section), name))
+    return saved
+
+
+def divergence_message(logs: dict, objective: DINOv2Objective, iteration: int, ckpt_path: Path) -> str:
+    """Name what went non-finite first (a centre, or a loss term) and the advice that fits it."""
+    keep = f"the last good checkpoint ({ckpt_path}) is kept"
+    for name, centre in (("DINO centre", objective.dino_center), ("iBOT centre", objective.ibot_center)):
+        if not torch.isfinite(centre.center).all():
+            return (
+                f"the {name} became non-finite before iteration {iteration}; {keep}. A centre goes "
+                "non-finite when the teacher's logits do: try train.precision=fp32 to rule out overflow."
+            )
+    labels = {"loss_dino": "DINO", "loss_ibot": "iBOT", "loss_koleo": "KoLeo"}
+    bad = [labels[k] for k in labels if k in logs and not math.isfinite(logs[k])]
+    what = " and ".join(bad) + " loss" if bad else "total loss"
+    advice = "Lower optim.base_lr, raise optim.warmup_epochs, or train with train.precision=fp32."
+    if bad == ["KoLeo"]:
+        advice = "KoLeo diverges when two features coincide: lower loss.koleo_weight or set it to 0."
+    return f"the {what} became non-finite at iteration {iteration}; {keep}. {advice}"
+
+
+def oom_message(cfg: Config, iteration: int, ckpt_path: Path) -> str:
+    knobs = [
+        f"optim.batch_size={max(1, cfg.optim.batch_size // 2)} (now {cfg.optim.batch_size})",
+        "train.grad_checkpointing=true" if not cfg.train.grad_checkpointing else None,
+        "model.attention=sdpa" if cfg.model.attention == "naive" else None,
+        "train.precision=fp16 or bf16" if cfg.train.precision == "fp32" else None,
+    ]
+    return (
+        f"out of GPU memory at iteration {iteration}. Try " + ", ".join(k for k in knobs if k) + ". "
+        f"The last checkpoint ({ckpt_path}) is intact: `dinokit pretrain --out {ckpt_path.parent} --resume "
+        "--set train.grad_checkpointing=true` continues this run with less memory (its batch size is fixed; "
+        "a smaller batch needs a new run)."
+    )
+
+
+def pretrain(
+    cfg: Config,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    on_step=None,
+    device: str | torch.device = "auto",
+) -> RunResult:
+    """Train (or resume) a run in ``out_dir`` (default ``runs/<preset>-<dataset>``).
+
+    ``device``: auto (CUDA when present), cpu, cuda or cuda:N. ``on_step(iteration, logs)`` is
+    called after every step (tests use it to send signals).
     """
-    dist_info: DistInfo = init_distributed()
-    device = dist_info.device
-    run_dir = Path(out_dir) if out_dir else paths.runs_dir() / cfg.preset
-    ckpt_path = run_dir / "checkpoint.pt"
+    device = resolve_device(device)
+    dist_info: DistInfo = init_distributed(device)
+    run_dir = Path(out_dir) if out_dir else runs.default_run_dir(cfg)
+    ckpt_path = run_dir / runs.CHECKPOINT
     if resume:
         if not ckpt_path.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint in {run_dir}; start the run without --resume")
-        saved = Config.load(run_dir / "config.json")
-        saved.data.num_workers = cfg.data.num_workers
-        cfg = saved
+        cfg = resume_config(run_dir, cfg)
     elif ckpt_path.is_file():
         raise FileExistsError(
             f"{run_dir} already holds a run; pass --resume to continue it or --out to start a new one"
         )
+    kind = device_kind(device)
+    precision = choose_precision(cfg.train.precision, kind)
+    if cfg.model.attention == "flash-attn" and (problem := flash_attn_problem(kind)):
+        raise ValueError(problem)
     run_dir.mkdir(parents=True, exist_ok=True)
     _setup_logging(run_dir, dist_info.is_main)
+    if warning := precision_warning(precision, kind):
+        log.warning(warning)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     torch.manual_seed(cfg.train.seed)
 
     # ---- data: the fixed split; held-out images never reach pre-training
+    data_root = resolve_data_root(cfg)
     split = prepare_split(cfg, progress=dist_info.is_main)
+    if resume:
+        runs.check_data(run_dir, split.sha256, data_root)
     records = split.train + (split.unlabeled if cfg.data.use_unlabeled else [])
     if cfg.data.max_images:
         records = records[: cfg.data.max_images]
@@ -198,17 +214,16 @@ def pretrain(cfg: Config, out_dir: str | Path | None = None, resume: bool = Fals
     total_iters = cfg.train.max_iters or cfg.optim.epochs * iters_per_epoch
     patch = cfg.model.patch_size
     grid = (cfg.crops.global_size // patch, cfg.crops.global_size // patch)
-    transform = MultiCrop(
-        cfg.crops.global_size, cfg.crops.local_size, cfg.crops.n_local, cfg.crops.global_scale, cfg.crops.local_scale
-    )
-    dataset = MultiCropDataset(records, transform, grid, cfg.masks, cfg.train.seed)
+    c = cfg.crops
+    transform = MultiCrop(c.global_size, c.local_size, c.n_local, c.global_scale, c.local_scale, c.blur_p)
+    dataset = MultiCropDataset(records, transform, cfg.train.seed)
     sampler = EpochSampler(len(records), global_batch, iters_per_epoch, cfg.train.seed, dist_info.rank, dist_info.world)
     loader = DataLoader(
         dataset,
         batch_size=cfg.optim.batch_size,
         sampler=sampler,
         num_workers=cfg.data.num_workers,
-        collate_fn=collate_multicrop,
+        collate_fn=MultiCropCollate(grid, cfg.masks, cfg.train.seed, global_batch),
         pin_memory=device.type == "cuda",
         persistent_workers=False,
     )
@@ -216,6 +231,7 @@ def pretrain(cfg: Config, out_dir: str | Path | None = None, resume: bool = Fals
     # ---- model, teacher, objective, optimizer, schedules
     # On resume the checkpoint supplies every weight: build the bare architecture (no download).
     student = (build_architecture if resume else build_ssl_model)(cfg.model, cfg.crops.global_size).to(device)
+    student.backbone.grad_checkpointing = cfg.train.grad_checkpointing
     teacher = build_teacher(student)
     sharded = cfg.train.fsdp
     if sharded:
@@ -228,12 +244,11 @@ def pretrain(cfg: Config, out_dir: str | Path | None = None, resume: bool = Fals
     groups = build_param_groups(student, depth, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult)
     optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], betas=(0.9, 0.999))
     schedules: Schedules = build_schedules(cfg, iters_per_epoch, total_iters, global_batch)
-    precision = resolve_precision(cfg.train.precision, device)
     scaler = grad_scaler(precision, device)
 
     start_iter = 0
     if resume:
-        state = load_checkpoint(ckpt_path)
+        state = runs.load_checkpoint(ckpt_path)
         load_full_state(student, state["student"], sharded, optimizer, state["optimizer"])
         load_full_state(teacher, state["teacher"], sharded)
         objective.load_state_dict(state["objective"])
@@ -250,32 +265,38 @@ def pretrain(cfg: Config, out_dir: str | Path | None = None, resume: bool = Fals
     if cfg.train.compile:
         model = torch.compile(model)
 
+    head_dim = student.backbone.embed_dim // student.backbone.num_heads
+    kernel = describe_attention(cfg.model.attention, device, DTYPES[precision], head_dim)
     if dist_info.is_main:
-        cfg.save(run_dir / "config.json")
-        split.write_manifest(run_dir / "split.csv")
-        (run_dir / "run_info.json").write_text(
-            json.dumps(
-                {
-                    "split_sha256": split.sha256,
-                    "classes": split.classes,
-                    "n_pretrain_images": len(records),
-                    "iters_per_epoch": iters_per_epoch,
-                    "total_iters": total_iters,
-                    "global_batch": global_batch,
-                    "precision": precision,
-                    "device": str(device),
-                    "world_size": dist_info.world,
-                    "torch": torch.__version__,
-                },
-                indent=2,
-            )
-        )
-    metrics_path = run_dir / "metrics.jsonl"
+        cfg.save(run_dir / runs.CONFIG)
+        split.write_manifest(run_dir / runs.SPLIT)
+        info = {
+            "preset": cfg.preset,
+            "split_sha256": split.sha256,
+            "data_root": str(data_root),
+            "dataset": data_tag(cfg),
+            "classes": split.classes,
+            "n_pretrain_images": len(records),
+            "iters_per_epoch": iters_per_epoch,
+            "total_iters": total_iters,
+            "global_batch": global_batch,
+            "precision": precision,
+            "attention": cfg.model.attention,
+            "attention_kernel": kernel,
+            "grad_checkpointing": cfg.train.grad_checkpointing,
+            "device": str(device),
+            "device_name": device_name(device),
+            "world_size": dist_info.world,
+            "torch": torch.__version__,
+        }
+        (run_dir / runs.RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    metrics_path = run_dir / runs.METRICS
     if dist_info.is_main:
         _truncate_metrics(metrics_path, start_iter)
     log.info(
-        "pre-training %s: %d images, %d iterations (%d/epoch), global batch %d, %s on %s",
+        "pre-training %s: %d images, %d iterations (%d/epoch), global batch %d, %s on %s (%s), attention: %s",
         cfg.preset, len(records), total_iters, iters_per_epoch, global_batch, precision, device,
+        device_name(device), kernel,
     )  # fmt: skip
 
     def teacher_backbone_state() -> dict[str, torch.Tensor]:
@@ -289,7 +310,7 @@ def pretrain(cfg: Config, out_dir: str | Path | None = None, resume: bool = Fals
         optimizer_state = full_optimizer_state(student, optimizer, sharded)
         if not dist_info.is_main:
             return
-        save_atomic(
+        runs.save_atomic(
             {
                 "student": student_state,
                 "teacher": teacher_state,
@@ -308,45 +329,52 @@ def pretrain(cfg: Config, out_dir: str | Path | None = None, resume: bool = Fals
     status, it = "finished", start_iter
     last_logs: dict[str, float] = {}
     bar = tqdm(total=total_iters, initial=start_iter, desc="pre-training", disable=not dist_info.is_main)
-    window_start, window_images = time.perf_counter(), 0
+    window = {"start": time.perf_counter(), "images": 0, "wait": 0.0, "skipped": 0}
     metrics_cm = metrics_path.open("a") if dist_info.is_main else contextlib.nullcontext()
     with _StopFlag() as stop, metrics_cm as metrics_file:
         while it < total_iters and status == "finished":
             epoch = it // iters_per_epoch
             sampler.set_position(epoch, it % iters_per_epoch)
             dataset.set_epoch(epoch)
+            fetch_start = time.perf_counter()
             for batch in loader:
+                window["wait"] += time.perf_counter() - fetch_start
                 for name, reason in batch["bad"]:
                     problems.add(name, reason)
                 if batch["size"] == 0:
                     it += 1
+                    fetch_start = time.perf_counter()
                     continue
                 torch.manual_seed(seed_of(cfg.train.seed, it, dist_info.rank))  # drop path, per step
-                loss, logs = train_step(
-                    model, teacher, objective, optimizer, scaler, batch,
-                    schedules.at(it), precision, device, cfg.optim.clip_grad,
-                )  # fmt: skip
+                try:
+                    loss, logs = train_step(
+                        model, teacher, objective, optimizer, scaler, batch,
+                        schedules.at(it), precision, device, cfg.optim.clip_grad,
+                    )  # fmt: skip
+                except torch.OutOfMemoryError:
+                    bar.close()
+                    raise TrainingOutOfMemory(oom_message(cfg, it, ckpt_path)) from None
                 if not torch.isfinite(loss):
                     bar.close()
-                    raise TrainingDiverged(
-                        f"loss became {float(loss)} at iteration {it}; the last good checkpoint "
-                        f"({ckpt_path}) is kept. Lower optim.base_lr, raise optim.warmup_epochs, "
-                        "or train with train.precision=fp32."
-                    )
+                    raise TrainingDiverged(divergence_message(logs, objective, it, ckpt_path))
                 it += 1
-                window_images += batch["size"] * dist_info.world
+                window["images"] += batch["size"] * dist_info.world
+                window["skipped"] += int(logs.pop("amp_skipped", 0))
                 logs.update(schedules.at(it - 1))
                 logs.update({"iteration": it, "epoch": (it - 1) // iters_per_epoch})
                 if it % cfg.train.log_every == 0 or it == total_iters:
-                    elapsed = time.perf_counter() - window_start
-                    logs["images_per_s"] = window_images / max(elapsed, 1e-9)
-                    window_start, window_images = time.perf_counter(), 0
+                    elapsed = max(time.perf_counter() - window["start"], 1e-9)
+                    logs["images_per_s"] = window["images"] / elapsed
+                    logs["data_wait_share"] = window["wait"] / elapsed
+                    if scaler.is_enabled():
+                        logs["amp_skipped_steps"] = window["skipped"]  # fp16 overflows in this window
+                    window = {"start": time.perf_counter(), "images": 0, "wait": 0.0, "skipped": 0}
                     if dist_info.is_main:
                         metrics_file.write(json.dumps(logs) + "\n")
                         metrics_file.flush()
                     bar.set_postfix(
                         loss=f"{logs['loss_dino']:.3f}", lr=f"{logs['lr']:.1e}", m=f"{logs['momentum']:.4f}",
-                        img_s=f"{logs['images_per_s']:.0f}",
+                        img_s=f"{logs['images_per_s']:.0f}", wait=f"{logs['data_wait_share']:.0%}",
                     )  # fmt: skip
                 bar.update()
                 last_logs = logs
@@ -361,7 +389,7 @@ def pretrain(cfg: Config, out_dir: str | Path | None = None, resume: bool = Fals
                         if sharded:  # a plain, unsharded copy for the single-process kNN
                             eval_backbone = build_architecture(cfg.model, cfg.crops.global_size).backbone.to(device)
                             eval_backbone.load_state_dict(backbone_state)
-                        acc = knn_monitor(eval_backbone, split, cfg, device)
+                        acc = knn_monitor(eval_backbone, split, cfg, device, precision)
                         record = {
                             "iteration": it,
                             "epoch": epoch_done,
@@ -370,7 +398,7 @@ def pretrain(cfg: Config, out_dir: str | Path | None = None, resume: bool = Fals
                         }
                         metrics_file.write(json.dumps(record) + "\n")
                         metrics_file.flush()
-                        save_atomic(backbone_state, run_dir / "snapshots" / f"teacher_{it:07d}.pt")
+                        runs.save_atomic(backbone_state, run_dir / runs.SNAPSHOTS / f"teacher_{it:07d}.pt")
                         log.info("epoch %d: kNN top-1 %.2f%%, top-5 %.2f%%", epoch_done, acc["top1"], acc["top5"])
                     barrier()
                 stopping = any_rank(stop.requested, device)
@@ -381,13 +409,14 @@ def pretrain(cfg: Config, out_dir: str | Path | None = None, resume: bool = Fals
                     break
                 if it >= total_iters:
                     break
+                fetch_start = time.perf_counter()
     bar.close()
     problems.warn_once("pre-training")
     save(it)
     final_backbone = teacher_backbone_state()
     if dist_info.is_main:
         if status == "finished":
-            save_atomic(final_backbone, run_dir / "teacher_backbone.pt")
+            runs.save_atomic(final_backbone, run_dir / runs.TEACHER)
         log.info("%s at iteration %d; run directory %s", status, it, run_dir)
     barrier()
     return RunResult(run_dir, status, it, last_logs)

@@ -3,7 +3,9 @@
 * layer-wise lr decay: block i of L gets decay^(L + 1 - (i + 1)); embeddings decay^(L + 1);
   the final norm and the heads get 1;
 * the patch embedding gets an extra multiplier (DINOv2: 0.2);
-* no weight decay on biases, norms, LayerScale and the cls / register / mask / position tokens;
+* no weight decay on biases, norms and LayerScale gammas, matched by name as the official code
+  does (``.bias``, ``norm``, ``gamma``); the cls / register / mask / position tokens and the
+  prototypes' norm scale g *are* decayed there, and so here;
 * the prototype layer is its own group so it can be frozen for the first epoch.
 """
 
@@ -12,6 +14,11 @@ from __future__ import annotations
 from torch import nn
 
 _TOKENS = ("cls_token", "reg_token", "mask_token", "pos_embed")
+
+
+def decays(name: str) -> bool:
+    """Weight decay applies unless the parameter is a bias, a norm or a LayerScale gamma (as DINOv2)."""
+    return not (name.endswith(".bias") or "norm" in name or "gamma" in name)
 
 
 def layer_id(name: str, depth: int) -> int:
@@ -33,9 +40,8 @@ def build_param_groups(
         lr_mult = layerwise_decay ** (depth + 1 - layer_id(name, depth))
         if "patch_embed" in name:
             lr_mult *= patch_embed_lr_mult
-        no_decay = param.ndim == 1 or name.endswith(".bias") or any(t in name for t in _TOKENS)
         is_last_layer = "last_layer" in name
-        key = (lr_mult, 0.0 if no_decay else 1.0, is_last_layer)
+        key = (lr_mult, 1.0 if decays(name) else 0.0, is_last_layer)
         group = groups.setdefault(
             key, {"params": [], "names": [], "lr_mult": key[0], "wd_mult": key[1], "is_last_layer": key[2]}
         )

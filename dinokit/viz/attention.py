@@ -26,11 +26,15 @@ def fit_to_patches(image: Image.Image, size: int, patch: int) -> torch.Tensor:
 
 @torch.no_grad()
 def cls_attention(backbone: VisionTransformer, images: torch.Tensor, block: int = -1) -> torch.Tensor:
-    """(B, heads, gh, gw): attention of the CLS token to each patch, per head."""
-    attn = backbone.get_last_self_attention(images, block=block)  # (B, H, N, N)
+    """(B, heads, gh, gw) on the CPU: attention of the CLS token to each patch, per head.
+
+    The forward runs on the backbone's device (the images are moved there).
+    """
+    device = next(backbone.parameters()).device
+    attn = backbone.get_last_self_attention(images.to(device), block=block)  # (B, H, N, N)
     r = backbone.n_prefix_tokens
     gh, gw = images.shape[-2] // backbone.patch_size, images.shape[-1] // backbone.patch_size
-    return attn[:, :, 0, r:].reshape(images.shape[0], -1, gh, gw)
+    return attn[:, :, 0, r:].float().cpu().reshape(images.shape[0], -1, gh, gw)
 
 
 def mass_mask(maps: torch.Tensor, mass: float = 0.6) -> torch.Tensor:

@@ -10,12 +10,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from dinokit import runs
 from dinokit.data.crops import denormalize
 from dinokit.data.images import load_rgb
+from dinokit.data.source import prepare_split, resolve_data_root
+from dinokit.device import resolve_device
 from dinokit.eval.baselines import random_init_backbone
-from dinokit.train.checkpoint import load_checkpoint, save_atomic
-from dinokit.train.loop import prepare_split
-from dinokit.train.run_dir import load_backbone, run_config
 from dinokit.viz.attention import attention_for_records, cls_attention
 
 
@@ -33,25 +33,29 @@ def pick_images(split, n: int) -> list:
     return picked
 
 
-def compute_run_attention(run_dir: str | Path, n_images: int = 8, size: int | None = None) -> Path:
+def compute_run_attention(
+    run_dir: str | Path, n_images: int = 8, size: int | None = None, device: str | torch.device = "auto"
+) -> Path:
     run_dir = Path(run_dir)
-    cfg = run_config(run_dir)
+    device = resolve_device(device)
+    cfg = runs.run_config(run_dir)
     split = prepare_split(cfg, progress=False)
+    runs.check_data(run_dir, split.sha256, resolve_data_root(cfg))
     records = pick_images(split, n_images)
     size = size or cfg.crops.eval_size
     pil = [load_rgb(r.source) for r in records]
-    final = load_backbone(run_dir)
+    final = runs.load_backbone(run_dir, device=device)
     images, maps = attention_for_records(final, pil, size)
     # every block of the final teacher, for the explorer: (blocks, images, heads, gh, gw)
     per_block = torch.stack([cls_attention(final, images, b) for b in range(len(final.blocks))])
     snapshots: dict[int, torch.Tensor] = {}
-    backbone = random_init_backbone(cfg)  # a container of the right shape for each snapshot
-    for path in tqdm(sorted((run_dir / "snapshots").glob("teacher_*.pt")), desc="attention per snapshot"):
-        backbone.load_state_dict(load_checkpoint(path))
+    backbone = random_init_backbone(cfg).to(device)  # a container of the right shape for each snapshot
+    for path in tqdm(sorted((run_dir / runs.SNAPSHOTS).glob("teacher_*.pt")), desc="attention per snapshot"):
+        backbone.load_state_dict(runs.load_checkpoint(path))
         snapshots[int(path.stem.split("_")[1])] = attention_for_records(backbone, pil, size)[1]
-    snapshots[0] = attention_for_records(random_init_backbone(cfg), pil, size)[1]  # before training
+    snapshots[0] = attention_for_records(random_init_backbone(cfg).to(device), pil, size)[1]  # before training
     out = run_dir / "attention" / "maps.pt"
-    save_atomic(
+    runs.save_atomic(
         {
             "images": (torch.stack([denormalize(x) for x in images]) * 255).round().to(torch.uint8),
             "maps": maps,

@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from dinokit import paths  # noqa: E402
-from dinokit.train.run_dir import read_metrics  # noqa: E402
+from dinokit.runs import profile_run_dir, read_metrics  # noqa: E402
 
 FPS = 5
 SIZE = (9.6, 5.44)  # inches at 100 dpi: 960 x 544, a multiple of 16 for H.264
@@ -143,7 +143,7 @@ def _frames(run_dir: Path, report_dir: Path) -> Iterator[np.ndarray]:
 
 def build_video(run_dir: str | Path | None = None, out: str | Path | None = None) -> Path:
     """Write the demo video; returns its path (``.mp4``, or ``.gif`` if ffmpeg is unavailable)."""
-    run_dir = Path(run_dir) if run_dir else paths.runs_dir() / paths.profile()
+    run_dir = Path(run_dir) if run_dir else profile_run_dir()
     report_dir = paths.report_dir()
     out = Path(out) if out else report_dir / "demo.mp4"
     out.parent.mkdir(parents=True, exist_ok=True)
