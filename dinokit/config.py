@@ -21,6 +21,9 @@ class DataConfig:
     split_seed: int = 0
     use_unlabeled: bool = True  # unlabelled test images join pre-training (never the val split)
     num_workers: int = 0
+    # Where multi-crop runs: "loader" (per image, PIL, in the loader workers) or "device" (batched on
+    # the training device; the loader only decodes). "auto" = device: faster on every device measured.
+    augment_on: str = "auto"
     max_images: int = 0  # 0 = all; small values make tiny test runs
     synth_per_class: int = 300  # size of the embedded dataset when it must be generated
     synth_size: int = 64

@@ -27,6 +27,7 @@ def _overrides(tmp: str) -> dict:
         "train.knn_every_epochs": 1000,
         "loss.koleo_weight": 0.0,
         "model.drop_path": 0.0,  # stochastic depth draws per process
+        "data.augment_on": "loader",  # crops seeded per image (device crops are seeded per process)
         "optim.freeze_last_layer_epochs": 0,
     }
 

@@ -27,10 +27,16 @@ def _normalize() -> v2.Compose:
     return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-def _blur(p: float, size: int) -> v2.Transform:
-    sigma_max = 2.0 * size / 224  # DINOv2: sigma in [0.1, 2.0] at 224 px
+def blur_kernel_and_sigma(size: int) -> tuple[int, tuple[float, float]]:
+    """Kernel size and sigma range for a ``size`` px crop: DINOv2's sigma in [0.1, 2.0] at 224 px, scaled."""
+    sigma_max = 2.0 * size / 224
     kernel = max(3, int(size * 0.1) | 1)  # odd kernel of about a tenth of the crop
-    return v2.RandomApply([v2.GaussianBlur(kernel, sigma=(min(0.1, sigma_max), sigma_max))], p=p)
+    return kernel, (min(0.1, sigma_max), sigma_max)
+
+
+def _blur(p: float, size: int) -> v2.Transform:
+    kernel, sigma = blur_kernel_and_sigma(size)
+    return v2.RandomApply([v2.GaussianBlur(kernel, sigma=sigma)], p=p)
 
 
 def _colour() -> v2.Compose:

@@ -103,8 +103,12 @@ def sdpa_kernel_for(q: torch.Tensor) -> str:
 
 def describe_attention(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
     """What runs for ``backend`` at training dtype, in words (for run_info.json, bench records, the report)."""
+    device = torch.device(device)
     if backend == "sdpa":
-        return KERNEL_NAMES[_verified(torch.device(device), dtype, head_dim)]
+        kernel = _verified(device, dtype, head_dim)
+        if kernel == "flash" and device.type == "cpu":
+            return "FlashAttention (SDPA flash kernel, tiled for the CPU)"
+        return KERNEL_NAMES[kernel]
     if backend.startswith("sdpa-"):
         return KERNEL_NAMES[backend.removeprefix("sdpa-")]
     return KERNEL_NAMES.get(backend, backend)

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from dinokit import runs
 from dinokit.config import Config
+from dinokit.data.batch_crops import BatchMultiCrop, DecodeToCanvas, canvas_size, choose_augment_on
 from dinokit.data.crops import MultiCrop
 from dinokit.data.images import ProblemLog
 from dinokit.data.loader import EpochSampler, MultiCropCollate, MultiCropDataset, seed_of
@@ -117,7 +118,8 @@ class _StopFlag:
 # Settings that change how a run computes, not what it learns: a resumed run may change them
 # (e.g. turn on activation checkpointing after running out of memory). Everything else is the run's.
 RESUMABLE_KEYS = (
-    "data.num_workers", "train.grad_checkpointing", "model.attention", "train.compile", "train.num_threads",
+    "data.num_workers", "data.augment_on", "train.grad_checkpointing", "model.attention", "train.compile",
+    "train.num_threads",
 )  # fmt: skip
 
 
@@ -215,7 +217,12 @@ def pretrain(
     patch = cfg.model.patch_size
     grid = (cfg.crops.global_size // patch, cfg.crops.global_size // patch)
     c = cfg.crops
-    transform = MultiCrop(c.global_size, c.local_size, c.n_local, c.global_scale, c.local_scale, c.blur_p)
+    crop_args = (c.global_size, c.local_size, c.n_local, c.global_scale, c.local_scale, c.blur_p)
+    augment_on = choose_augment_on(cfg.data.augment_on, device.type)
+    if augment_on == "device":  # the loader only decodes; crops are cut per batch on the device
+        transform, batch_crops = DecodeToCanvas(canvas_size(c.global_size)), BatchMultiCrop(*crop_args).to(device)
+    else:
+        transform, batch_crops = MultiCrop(*crop_args), None
     dataset = MultiCropDataset(records, transform, cfg.train.seed)
     sampler = EpochSampler(len(records), global_batch, iters_per_epoch, cfg.train.seed, dist_info.rank, dist_info.world)
     loader = DataLoader(
@@ -284,6 +291,8 @@ def pretrain(
             "attention": cfg.model.attention,
             "attention_kernel": kernel,
             "grad_checkpointing": cfg.train.grad_checkpointing,
+            "augment_on": augment_on,
+            "num_workers": cfg.data.num_workers,
             "device": str(device),
             "device_name": device_name(device),
             "world_size": dist_info.world,
@@ -294,9 +303,10 @@ def pretrain(
     if dist_info.is_main:
         _truncate_metrics(metrics_path, start_iter)
     log.info(
-        "pre-training %s: %d images, %d iterations (%d/epoch), global batch %d, %s on %s (%s), attention: %s",
+        "pre-training %s: %d images, %d iterations (%d/epoch), global batch %d, %s on %s (%s), attention: %s, "
+        "augmentation on the %s (%d loader workers)",
         cfg.preset, len(records), total_iters, iters_per_epoch, global_batch, precision, device,
-        device_name(device), kernel,
+        device_name(device), kernel, augment_on, cfg.data.num_workers,
     )  # fmt: skip
 
     def teacher_backbone_state() -> dict[str, torch.Tensor]:
@@ -345,8 +355,10 @@ def pretrain(
                     it += 1
                     fetch_start = time.perf_counter()
                     continue
-                torch.manual_seed(seed_of(cfg.train.seed, it, dist_info.rank))  # drop path, per step
+                torch.manual_seed(seed_of(cfg.train.seed, it, dist_info.rank))  # crops on device, drop path
                 try:
+                    if batch_crops is not None:
+                        batch.update(batch_crops(batch["canvas"].to(device, non_blocking=True), batch["hw"]))
                     loss, logs = train_step(
                         model, teacher, objective, optimizer, scaler, batch,
                         schedules.at(it), precision, device, cfg.optim.clip_grad,
