@@ -189,3 +189,29 @@ def test_flash_attn_backend_where_it_cannot_run_stops_before_training(env: Path)
     with pytest.raises(ValueError, match="use 'sdpa'"):
         pretrain(make_config("ci", {"model.attention": "flash-attn"}), out_dir=env / "r", device="cpu")
     assert not (env / "r").exists()
+
+
+@pytest.mark.slow
+def test_the_gpu_smoke_script_runs_at_toy_sizes_on_the_cpu(tmp_path: Path) -> None:
+    """benchmarks/gpu_smoke.sh cannot rot before a GPU reaches it: the same steps, toy sizes."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHON": sys.executable, "DINOKIT_RUNS": str(tmp_path / "runs")}
+    done = subprocess.run(
+        ["bash", str(root / "benchmarks" / "gpu_smoke.sh"), "--tiny", "--device", "cpu", "--out", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads(next(tmp_path.glob("gpu-smoke-*-tiny.json")).read_text())
+    assert not summary["failed"]
+    assert set(summary["steps"]) == {"data", "pretrain_sdpa", "pretrain_naive", "eval", "attention", "bench", "report"}
+    for backend in ("sdpa", "naive"):
+        line = summary["steps"][f"pretrain_{backend}"]
+        assert line["images_per_s"] > 0 and line["peak_mem_mb"] > 0 and 0 <= line["data_wait_share"] <= 1
+    assert "FlashAttention" in summary["steps"]["pretrain_sdpa"]["attention_kernel"]
+    assert "naive" in summary["steps"]["pretrain_naive"]["attention_kernel"]
+    for word in ("pretrain ci sdpa", "img/s", "peak", "data wait", "bench inference", "report:"):
+        assert word in done.stdout
+    assert (tmp_path / "report.html").is_file()

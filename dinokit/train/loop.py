@@ -30,7 +30,7 @@ from dinokit.data.images import ProblemLog
 from dinokit.data.loader import EpochSampler, MultiCropCollate, MultiCropDataset, seed_of
 from dinokit.data.source import data_tag, prepare_split, resolve_data_root
 from dinokit.data.split import Split
-from dinokit.device import device_kind, device_name, resolve_device
+from dinokit.device import device_kind, device_name, peak_memory_mb, resolve_device
 from dinokit.eval.features import extract_features
 from dinokit.eval.knn import knn_accuracy
 from dinokit.losses.objective import DINOv2Objective
@@ -336,6 +336,8 @@ def pretrain(
         )
 
     problems = ProblemLog()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     status, it = "finished", start_iter
     last_logs: dict[str, float] = {}
     bar = tqdm(total=total_iters, initial=start_iter, desc="pre-training", disable=not dist_info.is_main)
@@ -378,6 +380,7 @@ def pretrain(
                     elapsed = max(time.perf_counter() - window["start"], 1e-9)
                     logs["images_per_s"] = window["images"] / elapsed
                     logs["data_wait_share"] = window["wait"] / elapsed
+                    logs["peak_mem_mb"] = peak_memory_mb(device)
                     if scaler.is_enabled():
                         logs["amp_skipped_steps"] = window["skipped"]  # fp16 overflows in this window
                     window = {"start": time.perf_counter(), "images": 0, "wait": 0.0, "skipped": 0}
