@@ -228,6 +228,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train.checkpoint_every": 500,
         "train.knn_every_epochs": 10,
     },
+    # The assignment on a 16 GB card (T4, V100-16GB, P100): half the batch (the lr follows by DINOv2's
+    # sqrt rule) and activation checkpointing; ~12 GB instead of ~45 (benchmarks/estimate_gpu_budget.py).
+    "har-vits8-16gb": {
+        "model.arch": "vit_small",
+        "model.patch_size": 8,
+        "optim.epochs": 100,
+        "optim.batch_size": 32,
+        "train.grad_checkpointing": True,
+        "data.num_workers": 4,
+        "train.checkpoint_every": 1000,
+        "train.knn_every_epochs": 10,
+    },
     # Same, starting from the official DINOv2 ViT-S/14 weights resampled to patch 8.
     "har-vits8-dinov2init": {
         "model.arch": "vit_small",

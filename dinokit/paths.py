@@ -28,10 +28,25 @@ def embedded_dataset_dir(per_class: int, size: int) -> Path:
     return data_dir() / f"embedded-har-{per_class}x{size}px"
 
 
+KAGGLE_INPUT = Path("/kaggle/input")  # where a Kaggle notebook mounts its attached datasets
+
+
 def har_root() -> Path | None:
-    """``DINOKIT_DATA`` points at real HAR (any supported layout); ``None``: use the embedded set."""
+    """``DINOKIT_DATA`` (real HAR in any supported layout), else HAR attached to a Kaggle notebook
+    (found under ``/kaggle/input``), else ``None``: use the embedded set."""
     value = os.environ.get("DINOKIT_DATA")
-    return Path(value).expanduser().resolve() if value else None
+    if value:
+        return Path(value).expanduser().resolve()
+    return kaggle_har()
+
+
+def kaggle_har() -> Path | None:
+    """The first dataset under ``/kaggle/input`` (two levels deep) that holds HAR's ``Training_set.csv``."""
+    if not KAGGLE_INPUT.is_dir():
+        return None
+    for csv in sorted(KAGGLE_INPUT.glob("*/Training_set.csv")) + sorted(KAGGLE_INPUT.glob("*/*/Training_set.csv")):
+        return csv.parent
+    return None
 
 
 def runs_dir() -> Path:

@@ -111,3 +111,17 @@ def test_check_report_every_layout(request: pytest.FixtureRequest, fixture: str)
     assert report.usable and report.split is not None
     assert report.problems.total == 0
     assert len(report.split.train) + len(report.split.val) == len(report.data.labeled)
+
+
+def test_har_attached_to_a_kaggle_notebook_is_found(tmp_path: Path, kaggle_root: Path, monkeypatch) -> None:
+    from dinokit import paths
+
+    monkeypatch.delenv("DINOKIT_DATA", raising=False)
+    monkeypatch.setattr(paths, "KAGGLE_INPUT", tmp_path / "kaggle" / "input")
+    assert paths.har_root() is None  # not on Kaggle: the embedded dataset
+    nested = tmp_path / "kaggle" / "input" / "human-action-recognition-har-dataset" / "Human Action Recognition"
+    nested.parent.mkdir(parents=True)
+    kaggle_root.rename(nested)
+    assert paths.har_root() == nested  # Kaggle's own nesting, found without configuration
+    monkeypatch.setenv("DINOKIT_DATA", str(tmp_path))
+    assert paths.har_root() == tmp_path.resolve()  # DINOKIT_DATA still wins
