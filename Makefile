@@ -7,10 +7,10 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.install-stamp
 export DINOKIT_PROFILE ?= cpu-demo
 
-.PHONY: setup demo test lint lab pretrain bench report video clean help
+.PHONY: setup demo test lint lab pretrain bench report video notebooks clean help
 
 help:
-	@echo "make demo | test | lint | lab | pretrain | bench | report | video | clean"
+	@echo "make demo | test | lint | lab | pretrain | bench | report | video | notebooks | clean"
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,8 +45,14 @@ test: $(STAMP)
 	$(BIN)/ruff check dinokit tests benchmarks
 	DINOKIT_PROFILE=ci $(BIN)/python -m pytest tests notebooks --nbval-lax --durations=10 -q
 
+# Execute all six notebooks on the current profile and keep them as HTML (linked from the report).
+notebooks: $(STAMP)
+	$(BIN)/jupyter nbconvert --to html --execute --ExecutePreprocessor.timeout=-1 \
+		--output-dir report/notebooks notebooks/0*.ipynb
+	$(BIN)/dinokit report
+
 lab: $(STAMP)
 	$(BIN)/jupyter lab notebooks
 
 clean:
-	rm -rf runs data/embedded-har data/splits report/figures report/report.* .pytest_cache
+	rm -rf runs data/embedded-har-* data/splits report/figures report/report.html report/notebooks .pytest_cache

@@ -93,6 +93,12 @@ class BenchRecord:
 
 
 PRESETS: dict[str, list[BenchCase]] = {
+    # Inside `make demo` (about a minute on 2 cores): FlashAttention on vs off for ViT-S/8 inference
+    # at 224 px (785 tokens, where it matters) and a training step (forward + backward) at 96 px.
+    "cpu-demo": [
+        BenchCase("vit_small", 8, 224, 8, "fp32", modes=("inference",)),
+        BenchCase("vit_small", 8, 96, 8, "fp32", modes=("backbone",)),
+    ],
     # Minutes on 2 CPU cores: the assignment's ViT-S/8 at 224 (inference + backbone training) at
     # batch 8, plus a small image size where attention matters less. cpu-full adds batch 32.
     "cpu-quick": [

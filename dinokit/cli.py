@@ -107,6 +107,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     metrics = evaluate_run(
         args.run_dir, args.data, args.which, baselines=not args.no_baselines,
         knn=args.knn or both, linear=args.linear or both, device=args.device,
+        supervised=True if args.supervised else None,
     )  # fmt: skip
     print(results_table(metrics))
     if "linear" in metrics:
@@ -203,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-baselines", action="store_true", help="skip random-init and pixel baselines")
     evaluate.add_argument("--knn", action="store_true", help="kNN only (default: kNN and linear)")
     evaluate.add_argument("--linear", action="store_true", help="linear probe only (default: kNN and linear)")
+    evaluate.add_argument(
+        "--supervised", action="store_true",
+        help="also train the supervised reference for the run's training time (default: time-budgeted runs only)",
+    )  # fmt: skip
     _device_option(evaluate)
     evaluate.set_defaults(func=_cmd_eval)
 

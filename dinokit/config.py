@@ -115,6 +115,9 @@ class TrainConfig:
     grad_checkpointing: bool = False  # recompute each block in the backward: far less memory, ~30 % more time
     iters_per_epoch: int = 0  # 0: images // global batch
     max_iters: int = 0  # 0: epochs * iters_per_epoch
+    # > 0: time a few steps first and train as many epochs as fit in this many minutes (steps and
+    # kNN checks). The chosen optim.epochs is written to the run's config.json (and this set to 0).
+    time_budget_min: float = 0.0
     log_every: int = 10
     checkpoint_every: int = 200
     knn_every_epochs: int = 5

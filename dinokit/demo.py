@@ -60,13 +60,13 @@ def run_demo(
     timings["eval_s"] = time.perf_counter() - start
     print(results_table(metrics))
     start = _step("4/7 speed study: FlashAttention on vs off (CPU sweep)")
-    bench_json = paths.report_dir() / "bench" / "cpu-quick.json"
+    bench_json = paths.report_dir() / "bench" / "cpu-demo.json"
     if bench_json.is_file():
         print(f"already measured: {bench_json} (delete it to re-measure)")
     else:
         from dinokit.bench import PRESETS, format_table, run_bench, save_records
 
-        records = run_bench(PRESETS["cpu-quick"], device=device)
+        records = run_bench(PRESETS["cpu-demo"], device=device, timm_ref=False, repeats=2)
         print(format_table(records))
         save_records(records, bench_json)
     timings["bench_s"] = time.perf_counter() - start

@@ -8,7 +8,7 @@ import pytest
 
 from dinokit.config import make_config
 from dinokit.eval.run_eval import evaluate_run
-from dinokit.report import build_report
+from dinokit.report import build_report, display_path
 from dinokit.train.loop import pretrain
 from dinokit.viz.attention_run import compute_run_attention
 from dinokit.viz.video import build_video, probe
@@ -59,7 +59,8 @@ def test_report_says_what_is_missing(full_run: Path, tmp_path: Path) -> None:
         shutil.copy(full_run / name, bare / name)
     build_report(bare, tmp_path / "out")
     md = (tmp_path / "out" / "report.md").read_text()
-    assert f"dinokit eval {bare}" in md and f"dinokit attention {bare}" in md and "dinokit bench" in md
+    shown = display_path(bare)  # relative to the project, never this machine's absolute path
+    assert f"dinokit eval {shown}" in md and f"dinokit attention {shown}" in md and "dinokit bench" in md
 
 
 def test_video_plays(full_run: Path) -> None:
@@ -76,3 +77,20 @@ def test_video_degrades_without_artifacts(full_run: Path, tmp_path: Path) -> Non
         shutil.copy(full_run / name, bare / name)
     video = build_video(bare, tmp_path / "bare.mp4")  # missing eval, attention, bench: cards say so
     assert probe(video)["frames"] > 50
+
+
+def test_report_has_the_assignment_sections_and_keeps_the_students_text(full_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "mine"
+    build_report(full_run, out)
+    md = (out / "report.md").read_text()
+    for section in ("Introduction", "Method", "Dataset and split", "Results", "Discussion"):
+        assert section in md
+    assert "no labels" in md and "transductive" in md  # where the held-out set comes from, and why
+    assert "/tmp/" not in md and str(full_run.parent) not in md  # no absolute paths of this machine
+    mine = "I trained for longer and the kNN rose to 40 %.\n\nA second paragraph, with `code`."
+    edited = md.replace(md.split("<!-- your text: discussion -->\n")[1].split("\n<!-- end of your text -->")[0], mine)
+    (out / "report.md").write_text(edited)
+    build_report(full_run, out)  # regenerate figures and tables
+    again = (out / "report.md").read_text()
+    assert mine in again and "A second paragraph" in (out / "report.html").read_text()
+    assert again.count("<!-- your text:") == 7  # every section's block is still there

@@ -7,7 +7,9 @@ palette at low saturation, so colour neither tells the class nor identifies an i
 of one image cannot be matched by colour alone, a shortcut for self-supervised learning). A
 model has to see the figure's shape, which is what self-supervised learning must discover.
 Written in the Kaggle HAR layout (``Training_set.csv``, ``train/``, ``Testing_set.csv``,
-``test/``) so the real reader is used, with a few exact duplicates as HAR has.
+``test/``) so the real reader is used, with a few exact duplicates as HAR has. Beside it,
+``silhouettes/{train,test}/<name>.png`` hold each figure's mask: the ground truth for "does the
+CLS attention find the figure?" (Jaccard index, as DINO measures on PASCAL VOC).
 """
 
 from __future__ import annotations
@@ -24,20 +26,32 @@ from tqdm.auto import tqdm
 # Keys: torso tilt (from vertical), upper arms / forearms / thighs / shins (absolute angles),
 # and a whole-body rotation (lying down).
 POSES: dict[str, dict[str, float]] = {
-    "standing": dict(torso=0, ua1=8, fa1=5, ua2=-8, fa2=-5, th1=5, sh1=3, th2=-5, sh2=-3),
-    "walking": dict(torso=3, ua1=30, fa1=45, ua2=-30, fa2=-20, th1=25, sh1=5, th2=-20, sh2=-35),
-    "running": dict(torso=18, ua1=-50, fa1=40, ua2=55, fa2=140, th1=65, sh1=-10, th2=-35, sh2=-95),
-    "jumping": dict(torso=0, ua1=140, fa1=150, ua2=-140, fa2=-150, th1=30, sh1=30, th2=-30, sh2=-30),
-    "cheering": dict(torso=0, ua1=170, fa1=175, ua2=-170, fa2=-175, th1=4, sh1=2, th2=-4, sh2=-2),
-    "waving": dict(torso=0, ua1=100, fa1=165, ua2=-8, fa2=-5, th1=5, sh1=3, th2=-5, sh2=-3),
+    "standing": dict(torso=0, ua1=10, fa1=5, ua2=-10, fa2=-5, th1=6, sh1=3, th2=-6, sh2=-3),
+    "walking": dict(torso=3, ua1=30, fa1=50, ua2=-30, fa2=-15, th1=25, sh1=5, th2=-22, sh2=-38),
+    "running": dict(torso=20, ua1=-50, fa1=40, ua2=60, fa2=140, th1=70, sh1=-10, th2=-40, sh2=-100),
+    "jumping": dict(torso=0, ua1=125, fa1=135, ua2=-125, fa2=-135, th1=32, sh1=38, th2=-32, sh2=-38),
+    "cheering": dict(torso=0, ua1=152, fa1=158, ua2=-152, fa2=-158, th1=4, sh1=2, th2=-4, sh2=-2),
+    "waving": dict(torso=0, ua1=100, fa1=170, ua2=-10, fa2=-5, th1=6, sh1=3, th2=-6, sh2=-3),
     "sitting": dict(torso=-5, ua1=25, fa1=85, ua2=20, fa2=80, th1=90, sh1=0, th2=85, sh2=-5),
     "sleeping": dict(torso=0, ua1=10, fa1=10, ua2=-5, fa2=-5, th1=3, sh1=3, th2=-3, sh2=-3, body=90),
-    "kicking": dict(torso=-10, ua1=-70, fa1=-80, ua2=75, fa2=85, th1=85, sh1=80, th2=-3, sh2=-3),
+    "kicking": dict(torso=-10, ua1=-70, fa1=-80, ua2=75, fa2=85, th1=88, sh1=85, th2=-3, sh2=-3),
     "bending": dict(torso=80, ua1=0, fa1=5, ua2=10, fa2=15, th1=-5, sh1=-3, th2=5, sh2=3),
-    "calling": dict(torso=0, ua1=35, fa1=-165, ua2=-8, fa2=-5, th1=5, sh1=3, th2=-5, sh2=-3),
-    "pointing": dict(torso=0, ua1=90, fa1=90, ua2=-8, fa2=-5, th1=5, sh1=3, th2=-5, sh2=-3),
+    "calling": dict(torso=0, ua1=105, fa1=-160, ua2=-10, fa2=-5, th1=6, sh1=3, th2=-6, sh2=-3),
+    "pointing": dict(torso=0, ua1=90, fa1=90, ua2=-10, fa2=-5, th1=6, sh1=3, th2=-6, sh2=-3),
 }
 CLASSES = list(POSES)
+GENERATOR_VERSION = 2  # bump when drawing changes, so cached datasets are redrawn
+SILHOUETTES = "silhouettes"
+
+
+def silhouette_name(image_name: str) -> str:
+    return Path(image_name).with_suffix(".png").name
+
+
+def silhouette_path(root: str | Path, record_name: str) -> Path:
+    """Where the embedded dataset keeps the silhouette of the image ``record_name`` (``train/x.jpg``)."""
+    part, name = record_name.split("/", 1)
+    return Path(root) / SILHOUETTES / part / silhouette_name(name)
 
 
 def _vec(angle_deg: float) -> np.ndarray:
@@ -57,7 +71,8 @@ def _random_colour(rng: np.random.Generator) -> tuple[int, int, int]:
 
 
 def _draw_background(img: Image.Image, rng: np.random.Generator) -> None:
-    """A colour gradient with a few soft shapes: clutter that is visible but weaker than the figure."""
+    """A colour gradient with a few soft shapes: clutter that is visible but clearly weaker than the
+    figure (faint, so that crops of background do not outweigh the figure's shape)."""
     size = img.width
     draw = ImageDraw.Draw(img)
     top, bottom = np.array(_random_colour(rng)), np.array(_random_colour(rng))
@@ -67,13 +82,13 @@ def _draw_background(img: Image.Image, rng: np.random.Generator) -> None:
     clutter = Image.new("RGB", img.size)
     mask = Image.new("L", img.size, 0)
     cd, md = ImageDraw.Draw(clutter), ImageDraw.Draw(mask)
-    for _ in range(rng.integers(2, 6)):
+    for _ in range(rng.integers(1, 4)):
         x0, y0 = rng.uniform(-0.2, 1.0, 2) * size
         w, h = rng.uniform(0.1, 0.5, 2) * size
         box = [x0, y0, x0 + w, y0 + h]
         shape = cd.rectangle if rng.random() < 0.5 else cd.ellipse
         shape(box, fill=_random_colour(rng))
-        (md.rectangle if shape == cd.rectangle else md.ellipse)(box, fill=int(rng.uniform(90, 160)))
+        (md.rectangle if shape == cd.rectangle else md.ellipse)(box, fill=int(rng.uniform(50, 100)))
     img.paste(clutter, mask=mask)
 
 
@@ -87,15 +102,23 @@ def _contrasting_colour(background: Image.Image, rng: np.random.Generator) -> tu
 
 def draw_person(pose: str, size: int, rng: np.random.Generator, scale: int = 2) -> Image.Image:
     """Draw one image of class ``pose`` (rendered at ``scale``x then downsampled: anti-aliasing)."""
+    return draw_person_with_mask(pose, size, rng, scale)[0]
+
+
+def draw_person_with_mask(
+    pose: str, size: int, rng: np.random.Generator, scale: int = 2
+) -> tuple[Image.Image, Image.Image]:
+    """One image of class ``pose`` and the figure's silhouette (mode ``L``, 255 on the figure)."""
     big = size * scale
     img = Image.new("RGB", (big, big))
     _draw_background(img, rng)
-    draw = ImageDraw.Draw(img)
-    angles = {k: v + rng.normal(0, 10) for k, v in POSES[pose].items()}
+    silhouette = Image.new("L", (big, big), 0)
+    draw, mask = ImageDraw.Draw(img), ImageDraw.Draw(silhouette)
+    angles = {k: v + rng.normal(0, 8) for k, v in POSES[pose].items()}
     facing = 1 if rng.random() < 0.5 else -1
-    height = rng.uniform(0.6, 0.85) * big
-    torso, upper, lower, head = 0.3 * height, 0.17 * height, 0.16 * height, 0.075 * height
-    width = max(2, int(rng.uniform(0.07, 0.1) * height))
+    height = rng.uniform(0.7, 0.92) * big
+    torso, upper, lower, head = 0.3 * height, 0.17 * height, 0.16 * height, 0.08 * height
+    width = max(2, int(rng.uniform(0.1, 0.13) * height))
     rot = math.radians(angles.pop("body", 0.0) * facing)
     c, s = math.cos(rot), math.sin(rot)
 
@@ -106,7 +129,6 @@ def draw_person(pose: str, size: int, rng: np.random.Generator, scale: int = 2) 
     hip = np.zeros(2)
     neck = hip + torso * seg(180 - angles["torso"])
     shoulder = hip + 0.9 * (neck - hip)
-    points = {"hip": hip, "neck": neck}
     lines = [(hip, neck)]
     for side in ("1", "2"):
         elbow = shoulder + upper * seg(angles["ua" + side])
@@ -115,7 +137,6 @@ def draw_person(pose: str, size: int, rng: np.random.Generator, scale: int = 2) 
         foot = knee + (lower + 0.04 * height) * seg(angles["sh" + side])
         lines += [(shoulder, elbow), (elbow, hand), (hip, knee), (knee, foot)]
     head_centre = neck + (head + width / 2) * (neck - hip) / np.linalg.norm(neck - hip)
-    points["head"] = head_centre
     all_pts = np.array([p for line in lines for p in line] + [head_centre])
     rotated = all_pts @ np.array([[c, s], [-s, c]])
     lo, hi = rotated.min(0) - head, rotated.max(0) + head
@@ -123,14 +144,16 @@ def draw_person(pose: str, size: int, rng: np.random.Generator, scale: int = 2) 
     offset = np.array([rng.uniform(0, max(big - e, 0)) for e in extent]) - lo
     placed = rotated + offset
     colour = _contrasting_colour(img, rng)
-    for i in range(len(lines)):
-        a, b = placed[2 * i], placed[2 * i + 1]
-        draw.line([tuple(a), tuple(b)], fill=colour, width=width)
-        for p in (a, b):
-            draw.ellipse([p[0] - width / 2, p[1] - width / 2, p[0] + width / 2, p[1] + width / 2], fill=colour)
-    hx, hy = placed[-1]
-    draw.ellipse([hx - head, hy - head, hx + head, hy + head], fill=colour)
-    return img.resize((size, size), Image.Resampling.LANCZOS)
+    for target, fill in ((draw, colour), (mask, 255)):
+        for i in range(len(lines)):
+            a, b = placed[2 * i], placed[2 * i + 1]
+            target.line([tuple(a), tuple(b)], fill=fill, width=width)
+            for p in (a, b):
+                target.ellipse([p[0] - width / 2, p[1] - width / 2, p[0] + width / 2, p[1] + width / 2], fill=fill)
+        hx, hy = placed[-1]
+        target.ellipse([hx - head, hy - head, hx + head, hy + head], fill=fill)
+    small = (size, size)
+    return img.resize(small, Image.Resampling.LANCZOS), silhouette.resize(small, Image.Resampling.BILINEAR)
 
 
 def generate(
@@ -144,8 +167,9 @@ def generate(
 ) -> Path:
     """Write the embedded dataset to ``out`` in the Kaggle HAR layout; returns ``out``."""
     out = Path(out)
-    (out / "train").mkdir(parents=True, exist_ok=True)
-    (out / "test").mkdir(parents=True, exist_ok=True)
+    for part in ("train", "test"):
+        (out / part).mkdir(parents=True, exist_ok=True)
+        (out / SILHOUETTES / part).mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     labels = rng.permutation(np.repeat(np.arange(len(CLASSES)), per_class))
     n_test = int(round(unlabeled_fraction * len(labels)))
@@ -153,9 +177,15 @@ def generate(
     rows = []
     total = len(labels) + n_test
     bar = tqdm(total=total, desc=f"drawing {total} images", disable=not progress)
+
+    def write(part: str, name: str, pose: str, rng: np.random.Generator) -> None:
+        image, silhouette = draw_person_with_mask(pose, size, rng)
+        image.save(out / part / name, quality=92)
+        silhouette.save(out / SILHOUETTES / part / silhouette_name(name))
+
     for i, label in enumerate(labels):
         name = f"Image_{i + 1}.jpg"
-        draw_person(CLASSES[label], size, np.random.default_rng([seed, 0, i])).save(out / "train" / name, quality=92)
+        write("train", name, CLASSES[label], np.random.default_rng([seed, 0, i]))
         rows.append((name, CLASSES[label]))
         bar.update()
     # HAR has exact duplicates; copy a few files byte for byte under new names.
@@ -163,11 +193,13 @@ def generate(
     for j, src in enumerate(rng.choice(len(rows), n_dup, replace=False)):
         name = f"Image_{len(labels) + j + 1}.jpg"
         (out / "train" / name).write_bytes((out / "train" / rows[src][0]).read_bytes())
+        sil = out / SILHOUETTES / "train"
+        (sil / silhouette_name(name)).write_bytes((sil / silhouette_name(rows[src][0])).read_bytes())
         rows.append((name, rows[src][1]))
     test_names = []
     for i, label in enumerate(test_labels):
         name = f"Image_{i + 1}.jpg"
-        draw_person(CLASSES[label], size, np.random.default_rng([seed, 1, i])).save(out / "test" / name, quality=92)
+        write("test", name, CLASSES[label], np.random.default_rng([seed, 1, i]))
         test_names.append(name)
         bar.update()
     bar.close()
@@ -187,7 +219,7 @@ def ensure_embedded(out: str | Path, per_class: int = 300, size: int = 64, seed:
     """Generate the embedded dataset unless a complete one with the same parameters exists."""
     out = Path(out)
     stamp = out / ".synth-params"
-    params = f"per_class={per_class} size={size} seed={seed}\n"
+    params = f"per_class={per_class} size={size} seed={seed} generator={GENERATOR_VERSION}\n"
     if stamp.is_file() and stamp.read_text() == params and (out / "Training_set.csv").is_file():
         return out
     if out.exists():

@@ -27,8 +27,10 @@ from dinokit.data.split import Split
 from dinokit.device import device_kind, resolve_device
 from dinokit.eval.baselines import random_init_backbone
 from dinokit.eval.features import FEATURE_KINDS, extract_features
+from dinokit.eval.jaccard import attention_jaccard, silhouettes_of
 from dinokit.eval.knn import knn_accuracy
 from dinokit.eval.linear import linear_probe
+from dinokit.eval.supervised import train_supervised
 from dinokit.models.pretrained import load_timm_vit_weights, official_dinov2_state_dict
 from dinokit.models.vit import VisionTransformer, build_vit
 from dinokit.precision import choose_precision
@@ -132,11 +134,15 @@ def evaluate_run(
     knn: bool = True,
     linear: bool = True,
     device: str | torch.device = "auto",
+    supervised: bool | None = None,
 ) -> dict:
     """Evaluate a run; writes ``RUN_DIR/eval/{metrics.json, per_class.csv, confusion.npy, predictions.csv}``.
 
     Features of the run, the random-init baseline and the DINOv2 reference are extracted on
-    ``device`` (auto: CUDA when present) under autocast, then cached.
+    ``device`` (auto: CUDA when present) under autocast, then cached. ``supervised`` trains the
+    supervised reference for the run's own training time (default: for runs with a time budget,
+    such as the demo's; a GPU run of hours would take as long again). On data with silhouettes
+    (the embedded dataset), the attention's Jaccard index is scored for every checkpoint.
     """
     run_dir = Path(run_dir)
     device = resolve_device(device)
@@ -178,10 +184,57 @@ def evaluate_run(
             ref_feats = _features(model, split, ref_size, feature_files["dinov2_official"], device, precision)
             ref_metrics = _probe_suite(ref_feats, n_classes, probe_epochs, knn, linear)[0]
             metrics["baselines"]["dinov2_official"] = {**ref_metrics, "image_size": ref_size}
+    info = runs.run_info(run_dir)
+    if supervised is None:
+        supervised = "time_budget" in info
+    if baselines and supervised:
+        seconds = float(info.get("train_seconds", 0.0))
+        if seconds <= 0:
+            raise EvalError(f"{run_dir} records no training time (run_info.json: train_seconds): train it to the end")
+        weights = out_dir / f"supervised_backbone_{split.sha256[:12]}_{seconds:.0f}s.pt"
+        model = random_init_backbone(cfg)
+        if weights.is_file():
+            model.load_state_dict(runs.load_checkpoint(weights)["backbone"])
+            stats = runs.load_checkpoint(weights)["stats"]
+        else:
+            log.info("supervised reference: the same network trained with labels for %.0f s", seconds)
+            model, stats = train_supervised(cfg, split, seconds, device, precision)
+            runs.save_atomic({"backbone": model.cpu().state_dict(), "stats": stats}, weights)
+        feature_files["supervised"] = out_dir / f"features_supervised_{split.sha256[:12]}_{seconds:.0f}s.pt"
+        sup_feats = _features(model.cpu(), split, size, feature_files["supervised"], device, precision)
+        sup = _probe_suite(sup_feats, n_classes, probe_epochs, knn, linear)[0]
+        metrics["baselines"]["supervised"] = {**sup, **stats}
+    silhouettes = silhouettes_of(resolve_data_root(cfg), split.val)
+    if silhouettes is not None:
+        metrics["attention_jaccard"] = _jaccard_suite(run_dir, cfg, backbone, split, silhouettes, metrics)
     metrics["feature_files"] = {k: v.name for k, v in feature_files.items()}  # in RUN_DIR/eval/
     metrics["seconds"] = time.perf_counter() - start
     _write_outputs(out_dir, metrics, probe, split, feats)
     return metrics
+
+
+def _jaccard_suite(run_dir: Path, cfg, backbone, split: Split, silhouettes, metrics: dict) -> dict:
+    """Jaccard (%) of the 60 %-mass CLS attention against the figure: the final teacher, random
+    init, the supervised reference when trained, and every snapshot (does the figure emerge?)."""
+    size = cfg.crops.eval_size
+    score = lambda model: attention_jaccard(model, split.val, silhouettes, size)  # noqa: E731
+    out = {
+        "mass": 0.6,
+        "images": len(split.val),
+        "teacher": score(backbone),
+        "random_init": score(random_init_backbone(cfg)),
+    }
+    supervised = sorted((run_dir / "eval").glob(f"supervised_backbone_{split.sha256[:12]}_*.pt"))
+    if "supervised" in metrics.get("baselines", {}) and supervised:
+        model = random_init_backbone(cfg)
+        model.load_state_dict(runs.load_checkpoint(supervised[-1])["backbone"])
+        out["supervised"] = score(model)
+    container = random_init_backbone(cfg)
+    out["snapshots"] = {}
+    for path in sorted((run_dir / runs.SNAPSHOTS).glob("teacher_*.pt")):
+        container.load_state_dict(runs.load_checkpoint(path))
+        out["snapshots"][str(int(path.stem.split("_")[1]))] = score(container)
+    return out
 
 
 def _write_outputs(out_dir: Path, metrics: dict, probe, split: Split, feats: dict) -> None:
@@ -218,10 +271,12 @@ def results_table(metrics: dict) -> str:
 
     rows = [("pre-trained " + metrics.get("which", "teacher"), metrics)]
     base = metrics.get("baselines", {})
-    if "random_init" in base:
-        rows.append(("random init (same arch)", base["random_init"]))
-    if "dinov2_official" in base:
-        rows.append(("official DINOv2 ViT-S/14", base["dinov2_official"]))
+    names = {
+        "random_init": "random init (same arch)",
+        "supervised": "supervised, same time",
+        "dinov2_official": "official DINOv2 ViT-S/14",
+    }
+    rows += [(label, base[key]) for key, label in names.items() if key in base]
     lines = [f"{'features':<26}{'kNN top-1':>10}{'linear top-1':>14}{'balanced':>10}"]
     for name, m in rows:
         lines.append(
@@ -230,4 +285,12 @@ def results_table(metrics: dict) -> str:
     if "pixels" in base:
         lines.append(f"{'raw pixels 16x16':<26}{'-':>10}{base['pixels']['linear']['top1']:>13.1f}%{'-':>10}")
     lines.append(f"{'chance':<26}{metrics['chance']:>9.1f}%{metrics['chance']:>13.1f}%")
+    jac = metrics.get("attention_jaccard")
+    if jac:
+        parts = [f"pre-trained {jac['teacher']:.1f}%", f"random init {jac['random_init']:.1f}%"]
+        if "supervised" in jac:
+            parts.append(f"supervised {jac['supervised']:.1f}%")
+        lines.append(
+            f"\nattention finds the figure (Jaccard, 60 % mass, {jac['images']} held-out images): " + ", ".join(parts)
+        )
     return "\n".join(lines)

@@ -37,6 +37,7 @@ from dinokit.losses.objective import DINOv2Objective
 from dinokit.models.kernels import describe_attention, flash_attn_problem
 from dinokit.models.ssl import build_architecture, build_ssl_model
 from dinokit.precision import DTYPES, choose_precision, grad_scaler, precision_warning
+from dinokit.train.budget import calibrate
 from dinokit.train.checkpoint import rng_state, set_rng_state
 from dinokit.train.dist import DistInfo, any_rank, barrier, init_distributed
 from dinokit.train.fsdp import full_model_state, full_optimizer_state, load_full_state, shard
@@ -250,7 +251,6 @@ def pretrain(
     depth = len(student.backbone.blocks)
     groups = build_param_groups(student, depth, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult)
     optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], betas=(0.9, 0.999))
-    schedules: Schedules = build_schedules(cfg, iters_per_epoch, total_iters, global_batch)
     scaler = grad_scaler(precision, device)
 
     start_iter = 0
@@ -271,6 +271,48 @@ def pretrain(
         )
     if cfg.train.compile:
         model = torch.compile(model)
+
+    def run_step(batch: dict, it: int, sched: dict[str, float]) -> tuple[torch.Tensor, dict]:
+        torch.manual_seed(seed_of(cfg.train.seed, it, dist_info.rank))  # crops on the device, drop path
+        if batch_crops is not None:
+            batch.update(batch_crops(batch["canvas"].to(device, non_blocking=True), batch["hw"]))
+        return train_step(
+            model, teacher, objective, optimizer, scaler, batch, sched, precision, device, cfg.optim.clip_grad
+        )
+
+    def teacher_backbone_state() -> dict[str, torch.Tensor]:
+        """Full teacher backbone weights (a collective under FSDP: every rank calls it)."""
+        full = full_model_state(teacher, sharded)
+        return {k.removeprefix("backbone."): v for k, v in full.items() if k.startswith("backbone.")}
+
+    def save(iteration: int, path: Path = ckpt_path) -> None:
+        student_state = full_model_state(student, sharded)  # collective under FSDP
+        teacher_state = full_model_state(teacher, sharded)
+        optimizer_state = full_optimizer_state(student, optimizer, sharded)
+        if not dist_info.is_main:
+            return
+        runs.save_atomic(
+            {
+                "student": student_state,
+                "teacher": teacher_state,
+                "objective": objective.state_dict(),
+                "optimizer": optimizer_state,
+                "scaler": scaler.state_dict(),
+                "rng": rng_state(),
+                "iteration": iteration,
+                "epoch": iteration // iters_per_epoch,
+                "config": cfg.to_dict(),
+            },
+            path,
+        )
+
+    budget = None
+    if cfg.train.time_budget_min > 0 and not resume:
+        budget = _fit_time_budget(cfg, run_step, save, loader, sampler, dataset, objective, optimizer, scaler,
+                                  teacher, split, device, precision, iters_per_epoch, run_dir)  # fmt: skip
+        total_iters = budget.iterations if not cfg.train.max_iters else min(cfg.train.max_iters, budget.iterations)
+        log.info(budget.why())
+    schedules: Schedules = build_schedules(cfg, iters_per_epoch, total_iters, global_batch)
 
     head_dim = student.backbone.embed_dim // student.backbone.num_heads
     kernel = describe_attention(cfg.model.attention, device, DTYPES[precision], head_dim)
@@ -298,10 +340,18 @@ def pretrain(
             "world_size": dist_info.world,
             "torch": torch.__version__,
         }
+        if budget is not None:
+            info["time_budget"] = budget.to_dict()
+        if resume:  # what the run measured before this resume stays
+            previous = runs.run_info(run_dir)
+            info.update({k: previous[k] for k in ("time_budget", "train_seconds") if k in previous})
         (run_dir / runs.RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
     metrics_path = run_dir / runs.METRICS
     if dist_info.is_main:
         _truncate_metrics(metrics_path, start_iter)
+        if budget is not None and budget.knn is not None:  # the untrained teacher, measured while timing
+            with metrics_path.open("a") as handle:
+                handle.write(json.dumps({"iteration": 0, "epoch": 0, **budget.knn}) + "\n")
     log.info(
         "pre-training %s: %d images, %d iterations (%d/epoch), global batch %d, %s on %s (%s), attention: %s, "
         "augmentation on the %s (%d loader workers)",
@@ -309,38 +359,13 @@ def pretrain(
         device_name(device), kernel, augment_on, cfg.data.num_workers,
     )  # fmt: skip
 
-    def teacher_backbone_state() -> dict[str, torch.Tensor]:
-        """Full teacher backbone weights (a collective under FSDP: every rank calls it)."""
-        full = full_model_state(teacher, sharded)
-        return {k.removeprefix("backbone."): v for k, v in full.items() if k.startswith("backbone.")}
-
-    def save(iteration: int) -> None:
-        student_state = full_model_state(student, sharded)  # collective under FSDP
-        teacher_state = full_model_state(teacher, sharded)
-        optimizer_state = full_optimizer_state(student, optimizer, sharded)
-        if not dist_info.is_main:
-            return
-        runs.save_atomic(
-            {
-                "student": student_state,
-                "teacher": teacher_state,
-                "objective": objective.state_dict(),
-                "optimizer": optimizer_state,
-                "scaler": scaler.state_dict(),
-                "rng": rng_state(),
-                "iteration": iteration,
-                "epoch": iteration // iters_per_epoch,
-                "config": cfg.to_dict(),
-            },
-            ckpt_path,
-        )
-
     problems = ProblemLog()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     status, it = "finished", start_iter
     last_logs: dict[str, float] = {}
     bar = tqdm(total=total_iters, initial=start_iter, desc="pre-training", disable=not dist_info.is_main)
+    loop_start = time.perf_counter()
     window = {"start": time.perf_counter(), "images": 0, "wait": 0.0, "skipped": 0}
     metrics_cm = metrics_path.open("a") if dist_info.is_main else contextlib.nullcontext()
     with _StopFlag() as stop, metrics_cm as metrics_file:
@@ -357,14 +382,8 @@ def pretrain(
                     it += 1
                     fetch_start = time.perf_counter()
                     continue
-                torch.manual_seed(seed_of(cfg.train.seed, it, dist_info.rank))  # crops on device, drop path
                 try:
-                    if batch_crops is not None:
-                        batch.update(batch_crops(batch["canvas"].to(device, non_blocking=True), batch["hw"]))
-                    loss, logs = train_step(
-                        model, teacher, objective, optimizer, scaler, batch,
-                        schedules.at(it), precision, device, cfg.optim.clip_grad,
-                    )  # fmt: skip
+                    loss, logs = run_step(batch, it, schedules.at(it))
                 except torch.OutOfMemoryError:
                     bar.close()
                     raise TrainingOutOfMemory(oom_message(cfg, it, ckpt_path)) from None
@@ -433,8 +452,55 @@ def pretrain(
         if status == "finished":
             runs.save_atomic(final_backbone, run_dir / runs.TEACHER)
         log.info("%s at iteration %d; run directory %s", status, it, run_dir)
+        # wall time of the training loop (kNN checks and saves included), summed over resumes
+        info = runs.run_info(run_dir)
+        info["train_seconds"] = info.get("train_seconds", 0.0) + time.perf_counter() - loop_start
+        (run_dir / runs.RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
     barrier()
     return RunResult(run_dir, status, it, last_logs)
+
+
+def _fit_time_budget(
+    cfg, run_step, save, loader, sampler, dataset, objective, optimizer, scaler, teacher, split, device, precision,
+    iters_per_epoch, run_dir,
+):  # fmt: skip
+    """Time real steps (at lr 0, so no weight moves) and one kNN check, choose the epochs that fit,
+    then put back what the measurement touched: optimizer moments, centres, loss scale."""
+    saved = {"objective": objective.state_dict(), "scaler": scaler.state_dict()}
+    saved["objective"] = {k: v.clone() for k, v in saved["objective"].items()}
+    o, lo = cfg.optim, cfg.loss
+    frozen = {"lr": 0.0, "wd": o.weight_decay, "momentum": o.momentum_teacher, "teacher_temp": lo.warmup_teacher_temp,
+              "last_layer_lr": 0.0}  # fmt: skip
+    sampler.set_position(0, 0)
+    dataset.set_epoch(0)
+    knn: dict = {}
+
+    probe = run_dir / ".budget-probe.pt"
+
+    def knn_check() -> None:  # as in training: the check and its snapshot
+        acc = knn_monitor(teacher.backbone, split, cfg, device, precision)
+        knn.update({"knn_top1": acc["top1"], "knn_top5": acc["top5"]})
+        runs.save_atomic(teacher.backbone.state_dict(), probe)
+
+    def save_check() -> None:
+        save(0, probe)
+        probe.unlink(missing_ok=True)
+
+    def batches():  # the first batches of epoch 0, again if an epoch is shorter than the measurement
+        while True:
+            yield from (b for b in loader if b["size"])
+
+    choice = calibrate(
+        cfg.train.time_budget_min, batches(), lambda b, i: run_step(b, i, frozen), knn_check, save_check,
+        iters_per_epoch, cfg.train.knn_every_epochs, cfg.train.checkpoint_every,
+    )  # fmt: skip
+    optimizer.state.clear()
+    objective.load_state_dict(saved["objective"])
+    scaler.load_state_dict(saved["scaler"])
+    choice.knn = knn
+    cfg.optim.epochs = choice.epochs  # written to config.json: resume and reruns follow the same schedule
+    cfg.train.time_budget_min = 0.0
+    return choice
 
 
 def _truncate_metrics(path: Path, start_iter: int) -> None:

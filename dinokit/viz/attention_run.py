@@ -1,5 +1,6 @@
 """``dinokit attention RUN_DIR``: CLS attention maps of a fixed set of held-out images, for every
-block of the final teacher and the last block of every saved snapshot, written to
+block of the final teacher and the last block of every saved snapshot, and the PCA of their patch
+features (DINOv2 Fig. 1) for the final teacher and random init, written to
 ``RUN_DIR/attention/maps.pt`` for the report, the video and notebook 06 (which never recompute
 them)."""
 
@@ -17,6 +18,7 @@ from dinokit.data.source import prepare_split, resolve_data_root
 from dinokit.device import resolve_device
 from dinokit.eval.baselines import random_init_backbone
 from dinokit.viz.attention import attention_for_records, cls_attention
+from dinokit.viz.pca import patch_pca
 
 
 def pick_images(split, n: int) -> list:
@@ -53,7 +55,14 @@ def compute_run_attention(
     for path in tqdm(sorted((run_dir / runs.SNAPSHOTS).glob("teacher_*.pt")), desc="attention per snapshot"):
         backbone.load_state_dict(runs.load_checkpoint(path))
         snapshots[int(path.stem.split("_")[1])] = attention_for_records(backbone, pil, size)[1]
-    snapshots[0] = attention_for_records(random_init_backbone(cfg).to(device), pil, size)[1]  # before training
+    random = random_init_backbone(cfg).to(device)
+    snapshots[0] = attention_for_records(random, pil, size)[1]  # before training
+    grid = tuple(maps.shape[-2:])
+    pca = {}
+    for name, model in (("teacher", final), ("random_init", random)):
+        with torch.no_grad():
+            patches = model.forward_features(images.to(device))["patch"].float().cpu()
+        pca[name] = patch_pca(patches, grid)
     out = run_dir / "attention" / "maps.pt"
     runs.save_atomic(
         {
@@ -61,6 +70,7 @@ def compute_run_attention(
             "maps": maps,
             "blocks": per_block,
             "snapshots": {str(k): v for k, v in sorted(snapshots.items())},
+            "pca": pca,
             "names": [r.name for r in records],
             "labels": [split.classes[r.label] for r in records],
             "patch_size": final.patch_size,

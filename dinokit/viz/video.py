@@ -111,7 +111,7 @@ def _frames(run_dir: Path, report_dir: Path) -> Iterator[np.ndarray]:
     else:
         yield from _hold(_card("training", ["missing: run `dinokit pretrain`"]), 4)
     if att is not None and len(att["snapshots"]) > 1:
-        from dinokit.report import snapshots_figure
+        from dinokit.viz.attention_plots import snapshots_figure
 
         for i in range(min(4, len(att["images"]))):
             fig = snapshots_figure(att, image=i)
@@ -120,7 +120,10 @@ def _frames(run_dir: Path, report_dir: Path) -> Iterator[np.ndarray]:
     bench = sorted((report_dir / "bench").glob("*.json")) if (report_dir / "bench").is_dir() else []
     if bench:
         rows = [r for f in bench for r in json.loads(f.read_text()) if r.get("speedup") and r["backend"] != "naive"]
-        lines = [f"{r['mode']} {r['arch']}/{r['patch']} @{r['img_size']}: {r['speedup']:.2f}x ({r['device'][:20]})"
+        names = {"sdpa": "FlashAttention (SDPA)", "timm-fused": "timm's fused ViT", "flash-attn": "flash-attn",
+                 "sdpa-efficient": "memory-efficient"}  # fmt: skip
+        lines = [f"{r['mode']} {r['arch'].replace('vit_', 'ViT-')}/{r['patch']} @{r['img_size']} px, "
+                 f"{names.get(r['backend'], r['backend'])}: {r['speedup']:.2f}x over naive ({r['device'][:24]})"
                  for r in rows[:6]]  # fmt: skip
         yield from _hold(_card("FlashAttention on vs off", lines or ["no speed-ups recorded"]), 8)
     else:
@@ -133,10 +136,21 @@ def _frames(run_dir: Path, report_dir: Path) -> Iterator[np.ndarray]:
         if "random_init" in b:
             lines.append(f"random init: kNN {b['random_init']['knn']['top1']:.1f}%, "
                          f"linear {b['random_init']['linear']['top1']:.1f}%")  # fmt: skip
+        if "supervised" in b:
+            lines.append(f"supervised, same time: kNN {b['supervised']['knn']['top1']:.1f}%, "
+                         f"linear {b['supervised']['linear']['top1']:.1f}%")  # fmt: skip
         if "pixels" in b:
             lines.append(f"raw pixels: linear {b['pixels']['linear']['top1']:.1f}%")
         lines.append(f"chance: {m['chance']:.1f}%")
         yield from _hold(_card("held-out classification", lines), 8)
+        jac = m.get("attention_jaccard")
+        if jac:
+            from dinokit.viz.attention_plots import jaccard_figure
+
+            fig = jaccard_figure(jac)
+            fig.suptitle(f"attention finds the figure: Jaccard {jac['teacher']:.0f}% vs random init "
+                         f"{jac['random_init']:.0f}%", fontsize=13)  # fmt: skip
+            yield from _hold(_render(fig), 5)
     else:
         yield from _hold(_card("held-out classification", ["missing: run `dinokit eval RUN_DIR`"]), 4)
 

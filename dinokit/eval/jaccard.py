@@ -1,0 +1,74 @@
+"""Does the CLS attention find the figure? The Jaccard index against the true silhouette.
+
+As DINO measures on PASCAL VOC (Caron et al. 2021, Table 7): keep the smallest set of patches
+holding 60 % of the last block's CLS attention (averaged over heads here), upsample it to the
+image, and compare with the object's mask: J = |attention ∩ figure| / |attention ∪ figure|. The
+embedded dataset writes every figure's silhouette, so this runs on held-out images of the demo;
+real HAR has no masks and gets no score.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.transforms import v2
+
+from dinokit.data.har import Record
+from dinokit.data.images import BadImage, load_rgb
+from dinokit.data.synth import silhouette_path
+from dinokit.models.vit import VisionTransformer
+from dinokit.viz.attention import cls_attention, fit_to_patches, mass_mask
+
+
+def silhouettes_of(root: str | Path, records: Sequence[Record]) -> list[Path] | None:
+    """The silhouette file of every record, or None when the dataset has none (e.g. real HAR)."""
+    out = [silhouette_path(root, r.name) for r in records]
+    return out if out and all(p.is_file() for p in out) else None
+
+
+def _mask_at(path: Path, size: int) -> torch.Tensor:
+    """The silhouette under the same resize + centre crop as the evaluation images, as booleans."""
+    geometry = v2.Compose([v2.Resize(int(round(size / 0.875))), v2.CenterCrop(size)])
+    return torch.from_numpy(np.asarray(geometry(Image.open(path).convert("L"))) > 127)
+
+
+def jaccard(attention_mask: torch.Tensor, figure: torch.Tensor) -> torch.Tensor:
+    """Per image |A ∩ F| / |A ∪ F| for boolean masks (B, H, W)."""
+    inter = (attention_mask & figure).flatten(1).sum(1).float()
+    union = (attention_mask | figure).flatten(1).sum(1).float()
+    return inter / union.clamp(min=1)
+
+
+@torch.no_grad()
+def attention_jaccard(
+    backbone: VisionTransformer,
+    records: Sequence[Record],
+    silhouettes: Sequence[Path],
+    size: int,
+    mass: float = 0.6,
+    batch_size: int = 64,
+) -> float:
+    """Mean Jaccard index (%) between the 60 %-mass CLS attention mask and the figure."""
+    patch = backbone.patch_size
+    size = max(patch, size - size % patch)
+    scores = []
+    for start in range(0, len(records), batch_size):
+        images, masks = [], []
+        for rec, sil in zip(records[start : start + batch_size], silhouettes[start : start + batch_size], strict=True):
+            try:
+                images.append(fit_to_patches(load_rgb(rec.source), size, patch))
+            except BadImage:
+                continue
+            masks.append(_mask_at(sil, size))
+        if not images:
+            continue
+        maps = cls_attention(backbone.eval(), torch.stack(images)).mean(1)  # (B, gh, gw), heads averaged
+        keep = mass_mask(maps, mass).float().unsqueeze(1)
+        keep = F.interpolate(keep, size=(size, size), mode="nearest").squeeze(1).bool()
+        scores.append(jaccard(keep, torch.stack(masks)))
+    return 100.0 * float(torch.cat(scores).mean()) if scores else float("nan")
