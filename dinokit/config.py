@@ -83,7 +83,7 @@ class LossConfig:
     teacher_temp: float = 0.07
     warmup_teacher_temp: float = 0.04
     warmup_teacher_temp_epochs: int = 30
-    normalization: str = "centering"  # "centering" | "sinkhorn"
+    normalization: str = "centering"  # "centering" | "sinkhorn" | "none" (sharpening only: an ablation)
     center_momentum: float = 0.9
     sinkhorn_iters: int = 3
 

@@ -168,13 +168,20 @@ def check_data(run_dir: str | Path, split_sha256: str, data_root: str | Path | N
     trained_on = info.get("data_root", "another dataset")
     now = f" ({data_root})" if data_root else ""
     preset = info.get("preset") or run_config(run_dir).preset
+    name = Path(run_dir).name
+    if data_root is not None and str(data_root) == trained_on:
+        raise DataMismatchError(
+            f"the images in {data_root} changed since {name} was trained on them (split sha256 now "
+            f"{split_sha256[:12]}…, then {expected[:12]}…): a regenerated embedded dataset or edited files. The run "
+            f"no longer matches its data: delete {run_dir} and train it again."
+        )
     back = (
         "unset DINOKIT_DATA (the run used the embedded dataset)"
         if info.get("dataset") == "embedded"
         else f"set DINOKIT_DATA or --data to {trained_on}"
     )
     raise DataMismatchError(
-        f"the data in use now{now}, split sha256 {split_sha256[:12]}…, is not the one {Path(run_dir).name} was "
+        f"the data in use now{now}, split sha256 {split_sha256[:12]}…, is not the one {name} was "
         f"trained on ({trained_on}, split sha256 {expected[:12]}…). Either use the run's data again: {back}, "
         "with the same data.val_fraction and data.split_seed; or train a run on this data: "
         f"`dinokit pretrain --preset {preset}` writes to runs/{preset}-<dataset>/."

@@ -13,13 +13,14 @@ FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
 # (device, dtype) -> the kernel "FlashAttention on" must run. FlashAttention-2 needs sm80+ and a half
 # dtype; the memory-efficient kernel runs fp16/fp32 from sm50 and bf16 from sm80 (PyTorch sdp_utils.cpp).
+P100, V100, T4, A100, H100 = (KNOWN_GPUS[k] for k in ("P100", "V100", "T4", "A100", "H100"))
 KERNEL_TABLE = [
     (CPU, FP32, "flash"), (CPU, FP16, "flash"), (CPU, BF16, "flash"),
-    (KNOWN_GPUS["P100"], FP32, "efficient"), (KNOWN_GPUS["P100"], FP16, "efficient"), (KNOWN_GPUS["P100"], BF16, "math"),
-    (KNOWN_GPUS["V100"], FP32, "efficient"), (KNOWN_GPUS["V100"], FP16, "efficient"), (KNOWN_GPUS["V100"], BF16, "math"),
-    (KNOWN_GPUS["T4"], FP32, "efficient"), (KNOWN_GPUS["T4"], FP16, "efficient"), (KNOWN_GPUS["T4"], BF16, "math"),
-    (KNOWN_GPUS["A100"], FP32, "efficient"), (KNOWN_GPUS["A100"], FP16, "flash"), (KNOWN_GPUS["A100"], BF16, "flash"),
-    (KNOWN_GPUS["H100"], FP32, "efficient"), (KNOWN_GPUS["H100"], FP16, "flash"), (KNOWN_GPUS["H100"], BF16, "flash"),
+    (P100, FP32, "efficient"), (P100, FP16, "efficient"), (P100, BF16, "math"),
+    (V100, FP32, "efficient"), (V100, FP16, "efficient"), (V100, BF16, "math"),
+    (T4, FP32, "efficient"), (T4, FP16, "efficient"), (T4, BF16, "math"),
+    (A100, FP32, "efficient"), (A100, FP16, "flash"), (A100, BF16, "flash"),
+    (H100, FP32, "efficient"), (H100, FP16, "flash"), (H100, BF16, "flash"),
 ]  # fmt: skip
 
 

@@ -13,12 +13,18 @@ from dinokit.losses.koleo import KoLeoLoss
 from dinokit.losses.monitor import collapse_stats
 from dinokit.losses.teacher_norm import Centering, sinkhorn_knopp
 
+# How teacher logits become targets: centering (DINO, DINOv2's default), Sinkhorn-Knopp (DINOv2's
+# option), or "none": sharpening only, which exists to show the collapse centering prevents.
+NORMALIZATIONS = ("centering", "sinkhorn", "none")
+
 
 class DINOv2Objective(nn.Module):
     def __init__(self, cfg: LossConfig, out_dim: int, n_global: int = 2) -> None:
         super().__init__()
-        if cfg.normalization not in ("centering", "sinkhorn"):
-            raise ValueError(f"loss.normalization must be 'centering' or 'sinkhorn', got {cfg.normalization!r}")
+        if cfg.normalization not in NORMALIZATIONS:
+            raise ValueError(
+                f"loss.normalization must be one of {', '.join(NORMALIZATIONS)}, got {cfg.normalization!r}"
+            )
         self.cfg = cfg
         self.n_global = n_global
         self.dino = DINOLoss(cfg.student_temp)
@@ -30,6 +36,8 @@ class DINOv2Objective(nn.Module):
     def _targets(self, logits: torch.Tensor, temp: float, center: Centering) -> torch.Tensor:
         if self.cfg.normalization == "sinkhorn":
             return sinkhorn_knopp(logits, temp, self.cfg.sinkhorn_iters)
+        if self.cfg.normalization == "none":  # sharpening alone: the ablation that collapses
+            return torch.softmax(logits.float() / temp, dim=-1)
         targets = center.targets(logits, temp)
         center.update(logits)  # after use, as DINO does: the centre lags one batch
         return targets

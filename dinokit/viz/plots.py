@@ -205,3 +205,19 @@ def per_class_and_confusion(per_class, confusion: np.ndarray, classes: Sequence[
     axes[1].set_title("confusion (rows: true class, normalised)")
     fig.tight_layout()
     return fig
+
+
+def ablation_curves(curves: Mapping[str, Sequence[tuple[int, float]]], baselines: Mapping[str, float] | None = None):
+    """kNN top-1 over training for several variants of one short run, on one plot."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (name, points) in enumerate(curves.items()):
+        if points:
+            x, y = zip(*points, strict=True)
+            ax.plot(x, y, marker="o", markersize=3, color=f"C{i}", label=name, linewidth=2.5 if i == 0 else 1.5)
+    for j, (name, value) in enumerate((baselines or {}).items()):
+        ax.axhline(value, linestyle=":", color="gray" if j else "black", label=name)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("kNN top-1 on the held-out split (%)")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    return fig
