@@ -227,7 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     attention = sub.add_parser("attention", help="CLS attention maps of held-out images, per checkpoint")
     attention.add_argument("run_dir", nargs="?", help="default: runs/$DINOKIT_PROFILE")
     attention.add_argument("--images", type=int, default=8)
-    attention.add_argument("--size", type=int, help="image size (rounded to a patch multiple); default: eval size")
+    attention.add_argument(
+        "--size",
+        type=int,
+        help="image size (rounded to a patch multiple); default: crops.attention_size, else the eval size",
+    )
     _device_option(attention)
     attention.set_defaults(func=_cmd_attention)
 

@@ -41,6 +41,9 @@ class CropConfig:
     # The official code effectively applies 0.0 / 0.9 / 0.5 (see dinokit/data/crops.py).
     blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)
     eval_size: int = 224
+    # Image size for attention maps and their Jaccard score (0: eval_size). Positions interpolate,
+    # so a small model trained on 48 px crops can be asked for 12 x 12 maps at 96 px.
+    attention_size: int = 0
 
 
 @dataclass

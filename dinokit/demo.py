@@ -1,9 +1,10 @@
 """``make demo`` / ``dinokit demo``: the whole story on the embedded dataset, resumable.
 
 Each step is skipped when its result is already on disk, so re-running after an interruption
-continues where it stopped: data -> pre-training -> evaluation (kNN and linear probe of the
-pre-trained teacher against a random network of the same shape and raw pixels) -> speed study
-(CPU sweep, FlashAttention on vs off) -> attention maps -> report -> video.
+continues where it stopped: data -> pre-training (for a time budget measured on this machine) ->
+evaluation (kNN and linear probe of the pre-trained teacher against a random network of the same
+shape, raw pixels, and the same network trained with labels for the same time; does the attention
+find the figure?) -> speed study (FlashAttention on vs off) -> attention maps -> report -> video.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def run_demo(
     cfg = make_config(preset, overrides)
     run_dir = Path(out_dir) if out_dir else runs.default_run_dir(cfg)
     timings: dict[str, float] = {}
+    begin = time.perf_counter()
 
     start = _step("1/7 data: the embedded dataset and its fixed split")
     split = prepare_split(cfg)
@@ -53,9 +55,15 @@ def run_demo(
         if result.status != "finished":
             print(f"pre-training {result.status}; run `make demo` again to resume")
             return {"status": result.status, "run_dir": str(run_dir)}
+    budget = runs.run_info(run_dir).get("time_budget")
+    if budget:
+        print(budget["why"])
     timings["pretrain_s"] = time.perf_counter() - start
 
-    start = _step("3/7 evaluation on the held-out split: pre-trained vs random init vs pixels")
+    start = _step(
+        "3/7 evaluation on the held-out split: pre-trained vs random init, raw pixels, and a supervised "
+        "reference trained with labels for the same time"
+    )
     metrics = evaluate_run(run_dir, device=device)
     timings["eval_s"] = time.perf_counter() - start
     print(results_table(metrics))
@@ -89,6 +97,7 @@ def run_demo(
     print(f"wrote {build_video(run_dir)}")
     timings["video_s"] = time.perf_counter() - start
 
+    timings["total_s"] = time.perf_counter() - begin
     summary = {"status": "finished", "run_dir": str(run_dir), "metrics": metrics, "timings": timings}
     (run_dir / "demo_summary.json").write_text(json.dumps({"timings": timings}, indent=2) + "\n")
     print("\ntimings: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))

@@ -215,3 +215,26 @@ def test_the_gpu_smoke_script_runs_at_toy_sizes_on_the_cpu(tmp_path: Path) -> No
     for word in ("pretrain ci sdpa", "img/s", "peak", "data wait", "bench inference", "report:"):
         assert word in done.stdout
     assert (tmp_path / "report.html").is_file()
+
+
+def test_a_run_whose_own_data_changed_says_so(env: Path) -> None:
+    """The same folder with different images (a regenerated embedded dataset): retrain, not 'unset'."""
+    from dinokit import runs
+
+    run = pretrain(make_config("ci", {"train.max_iters": 2}), device="cpu").run_dir
+    root = json.loads((run / "run_info.json").read_text())["data_root"]
+    with pytest.raises(DataMismatchError, match="changed since ci-embedded was trained") as err:
+        runs.check_data(run, "0" * 64, root)
+    assert f"delete {run}" in str(err.value)
+
+
+def test_notebook_runs_for_overrides_get_their_own_folder(env: Path) -> None:
+    from dinokit.notebook import run_for
+
+    default, _ = run_for("ci")
+    variant, cfg = run_for("ci", overrides=["loss.koleo_weight=0"])
+    same, _ = run_for("ci", overrides=["loss.koleo_weight=0"])
+    assert default.name == "ci-embedded" and variant.name.startswith("ci-embedded-") and variant == same
+    assert cfg.loss.koleo_weight == 0
+    named, _ = run_for("ci", run_name="my-ablation")
+    assert named.name == "my-ablation"

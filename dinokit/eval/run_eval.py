@@ -216,11 +216,12 @@ def evaluate_run(
 def _jaccard_suite(run_dir: Path, cfg, backbone, split: Split, silhouettes, metrics: dict) -> dict:
     """Jaccard (%) of the 60 %-mass CLS attention against the figure: the final teacher, random
     init, the supervised reference when trained, and every snapshot (does the figure emerge?)."""
-    size = cfg.crops.eval_size
+    size = cfg.crops.attention_size or cfg.crops.eval_size
     score = lambda model: attention_jaccard(model, split.val, silhouettes, size)  # noqa: E731
     out = {
         "mass": 0.6,
         "images": len(split.val),
+        "image_size": size,
         "teacher": score(backbone),
         "random_init": score(random_init_backbone(cfg)),
     }

@@ -1,0 +1,194 @@
+"""dinokit's pre-training step against a peer library's DINO step, on an identical configuration.
+
+The peer is lightly (its DINO example: lightly's ``DINOProjectionHead``, ``DINOLoss`` and
+``update_momentum`` around a timm ViT), installed on demand into ``~/.cache/dinokit/peer`` with
+``--no-deps`` (torch, torchvision and timm come from this environment); it is never a kit
+requirement. Both sides get the same pre-cut crops (random tensors), so only the step is timed:
+
+* ViT-Ti/8 shaped as timm's (width 192, 12 blocks, 3 heads, no LayerScale, no stochastic depth);
+* 2 x 64 px global + 4 x 32 px local crops, batch 64;
+* head: 512 hidden, 64 bottleneck, 2,048 prototypes; AdamW; fp32; 2 threads;
+* dinokit twice: ``like-for-like`` (iBOT and KoLeo off: the same work as the peer's DINO) and
+  ``full`` (the DINOv2 objective: + iBOT on masked patches + KoLeo).
+
+Each measurement runs in a fresh process; the order alternates over rounds; images/s are source
+images per second (median of the timed steps), and the ratio is taken within each round.
+
+    python benchmarks/peer_step.py [--rounds 3] [--steps 6] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+PEER_DIR = Path.home() / ".cache" / "dinokit" / "peer"
+SHAPE = {"embed_dim": 192, "depth": 12, "num_heads": 3, "patch": 8, "global_px": 64, "local_px": 32, "n_local": 4}
+HEAD = {"hidden": 512, "bottleneck": 64, "prototypes": 2048}
+BATCH = 64
+
+
+def ensure_peer() -> None:
+    """Install lightly (no dependencies: it needs only torch, torchvision and timm from here)."""
+    if (PEER_DIR / "lightly").is_dir():
+        return
+    print(f"installing the peer (lightly) into {PEER_DIR} ...", flush=True)
+    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(PEER_DIR), "lightly"]
+    subprocess.run(cmd, check=True)
+
+
+def _inputs(seed: int = 0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    s = SHAPE
+    globals_ = torch.randn(2 * BATCH, 3, s["global_px"], s["global_px"], generator=g)
+    locals_ = torch.randn(s["n_local"] * BATCH, 3, s["local_px"], s["local_px"], generator=g)
+    return globals_, locals_
+
+
+def _time_steps(step, steps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return BATCH / statistics.median(times)
+
+
+def measure_peer(steps: int, threads: int) -> float:
+    """lightly's DINO example step (per-view forwards, as its documentation writes it)."""
+    sys.path.insert(0, str(PEER_DIR))
+    import copy
+
+    import timm
+    import torch
+    from lightly.loss import DINOLoss
+    from lightly.models.modules import DINOProjectionHead
+    from lightly.models.utils import deactivate_requires_grad, update_momentum
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    s = SHAPE
+    backbone = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=s["global_px"], patch_size=s["patch"],
+        dynamic_img_size=True,
+    )  # fmt: skip
+    head = DINOProjectionHead(s["embed_dim"], HEAD["hidden"], HEAD["bottleneck"], HEAD["prototypes"])
+    teacher_backbone = copy.deepcopy(backbone)
+    teacher_head = DINOProjectionHead(s["embed_dim"], HEAD["hidden"], HEAD["bottleneck"], HEAD["prototypes"])
+    teacher_head.load_state_dict(head.state_dict())  # (weight_norm's head cannot be deep-copied)
+    deactivate_requires_grad(teacher_backbone)
+    deactivate_requires_grad(teacher_head)
+    criterion = DINOLoss(output_dim=HEAD["prototypes"], warmup_teacher_temp_epochs=5)
+    optimizer = torch.optim.AdamW(list(backbone.parameters()) + list(head.parameters()), lr=1e-4)
+    globals_, locals_ = _inputs()
+    views = list(globals_.chunk(2)) + list(locals_.chunk(s["n_local"]))
+
+    def step() -> None:
+        update_momentum(backbone, teacher_backbone, m=0.996)
+        update_momentum(head, teacher_head, m=0.996)
+        with torch.no_grad():
+            teacher_out = [teacher_head(teacher_backbone(v)) for v in views[:2]]
+        student_out = [head(backbone(v)) for v in views]
+        loss = criterion(teacher_out, student_out, epoch=0)
+        loss.backward()
+        head.cancel_last_layer_gradients(current_epoch=0)
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return _time_steps(step, steps)
+
+
+def measure_dinokit(full: bool, steps: int, threads: int) -> float:
+    """dinokit's own ``train_step`` on the same shapes and crops."""
+    import torch
+
+    from dinokit.config import make_config
+    from dinokit.data.masking import MaskPlan
+    from dinokit.losses.objective import DINOv2Objective
+    from dinokit.models.ssl import build_ssl_model
+    from dinokit.precision import grad_scaler
+    from dinokit.train.param_groups import build_param_groups
+    from dinokit.train.step import train_step
+    from dinokit.train.teacher import build_teacher
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    s = SHAPE
+    cfg = make_config("default", {
+        "model.embed_dim": s["embed_dim"], "model.depth": s["depth"], "model.num_heads": s["num_heads"],
+        "model.patch_size": s["patch"], "model.layerscale": 0.0, "model.drop_path": 0.0,
+        "model.head_hidden": HEAD["hidden"], "model.head_bottleneck": HEAD["bottleneck"],
+        "model.head_prototypes": HEAD["prototypes"], "crops.global_size": s["global_px"],
+        "crops.local_size": s["local_px"], "crops.n_local": s["n_local"],
+        "loss.ibot_weight": 1.0 if full else 0.0, "loss.koleo_weight": 0.1 if full else 0.0,
+    })  # fmt: skip
+    student = build_ssl_model(cfg.model, s["global_px"])
+    teacher = build_teacher(student)
+    objective = DINOv2Objective(cfg.loss, cfg.model.head_prototypes)
+    groups = build_param_groups(student, s["depth"])
+    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups])
+    grid = (s["global_px"] // s["patch"],) * 2
+    n = 2 * BATCH
+    plan = MaskPlan.draw(0, 0, n, 0.5 if full else 0.0)
+    globals_, locals_ = _inputs()
+    batch = {"global": globals_, "local": locals_, "masks": plan.masks(grid, list(range(n)), 0, 0), "size": BATCH}
+    sched = {"lr": 1e-4, "wd": 0.04, "last_layer_lr": 1e-4, "momentum": 0.996, "teacher_temp": 0.04}
+    cpu = torch.device("cpu")
+    scaler = grad_scaler("fp32", cpu)
+
+    def step() -> None:
+        train_step(student, teacher, objective, optimizer, scaler, batch, sched, "fp32", cpu, 3.0)
+
+    return _time_steps(step, steps)
+
+
+def _fresh(fn, *args) -> float:
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, help="also write the rounds as JSON here")
+    args = parser.parse_args()
+    ensure_peer()
+    sides = {
+        "peer (lightly DINO)": (measure_peer, args.steps, args.threads),
+        "dinokit like-for-like": (measure_dinokit, False, args.steps, args.threads),
+        "dinokit full DINOv2": (measure_dinokit, True, args.steps, args.threads),
+    }
+    rounds = []
+    for r in range(args.rounds):
+        order = list(sides) if r % 2 == 0 else list(sides)[::-1]
+        result = {name: _fresh(*sides[name]) for name in order}
+        rounds.append(result)
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v:.1f} img/s" for k, v in result.items()), flush=True)
+    peer = "peer (lightly DINO)"
+    machine = os.popen("grep -m1 'model name' /proc/cpuinfo").read().split(":")[-1].strip() or "cpu"
+    print(f"\n{machine}, {args.threads} threads, fp32, ViT-Ti/8, 2x64 + 4x32 crops, batch {BATCH}, fresh processes:")
+    for name in sides:
+        speeds = [x[name] for x in rounds]
+        ratios = [x[name] / x[peer] for x in rounds]
+        print(f"  {name:<24} {statistics.median(speeds):6.1f} img/s (range {min(speeds):.1f}-{max(speeds):.1f})   "
+              f"{statistics.median(ratios):.2f}x the peer (range {min(ratios):.2f}-{max(ratios):.2f})")  # fmt: skip
+    if args.out:
+        args.out.write_text(json.dumps({"machine": machine, "rounds": rounds}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""The time budget: the epoch count that fits, by hand, and a budgeted run that records its choice."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dinokit.config import make_config
+from dinokit.runs import read_metrics
+from dinokit.train.budget import epochs_that_fit, knn_checks, run_seconds
+from dinokit.train.loop import pretrain
+
+
+def test_knn_checks_count_the_last_epoch_too() -> None:
+    assert knn_checks(10, 2) == 5  # epochs 2, 4, 6, 8, 10
+    assert knn_checks(9, 2) == 5  # 2, 4, 6, 8 and the last (9)
+    assert knn_checks(1, 5) == 1
+
+
+def test_epochs_that_fit_by_hand() -> None:
+    # 10 iterations per epoch at 1 s, a kNN check of 5 s every 2 epochs, no checkpoints:
+    # 4 epochs = 40 s + 2 checks = 50 s; 5 epochs = 50 s + 3 checks = 65 s.
+    assert epochs_that_fit(64.9, 1.0, 5.0, 10, 2) == 4
+    assert epochs_that_fit(65.0, 1.0, 5.0, 10, 2) == 5
+    assert epochs_that_fit(1.0, 1.0, 5.0, 10, 2) == 1  # never fewer than one epoch
+    # checkpoints every 15 iterations at 2 s each, plus the two final saves
+    assert run_seconds(3, 1.0, 0.0, 2.0, 10, 100, 15) == 30 + (29 // 15 + 2) * 2.0
+
+
+@pytest.mark.slow
+def test_a_budgeted_run_times_itself_and_records_the_choice(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("DINOKIT_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.delenv("DINOKIT_DATA", raising=False)
+    result = pretrain(make_config("ci", {"train.time_budget_min": 0.1}), out_dir=tmp_path / "r", device="cpu")
+    info = json.loads((tmp_path / "r" / "run_info.json").read_text())
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())
+    budget = info["time_budget"]
+    assert budget["epochs"] == saved["optim"]["epochs"] >= 1 and saved["train"]["time_budget_min"] == 0.0
+    assert result.iteration == info["total_iters"] == budget["iterations"]
+    assert "fit" in budget["why"] and budget["step_s"] > 0 and info["train_seconds"] > 0
+    knn = [m for m in read_metrics(tmp_path / "r") if "knn_top1" in m]
+    assert knn[0]["iteration"] == 0  # the untrained teacher, measured while timing: the curve's start
+    # a rerun of the saved config trains exactly the same schedule, without timing again
+    again = pretrain(make_config("ci", saved_overrides(saved)), out_dir=tmp_path / "again", device="cpu")
+    assert again.iteration == result.iteration
+
+
+def saved_overrides(saved: dict) -> dict:
+    return {f"{section}.{k}": v for section, values in saved.items() if isinstance(values, dict)
+            for k, v in values.items()}  # fmt: skip
