@@ -175,7 +175,7 @@ def main() -> int:
                 flush=True,
             )
     if run is not None:
-        report = step("report", lambda: build_report(run, args.out))
+        report = step("report", lambda: build_report(run, args.out, bench_dir))
         if report:
             print(f"report: {report}", flush=True)
     summary["failed"] = failed

@@ -1,8 +1,9 @@
 """Ablations side by side: short runs that each switch one piece of DINOv2 off, with kNN curves.
 
-Each variant is the same short run with a few overrides; it trains into its own folder under
-``runs/ablations/`` and is skipped when already finished, so re-running a notebook only plots.
-An interrupted variant resumes where it stopped.
+Each variant is the same short run with a few overrides, on the embedded dataset (an exercise for
+a laptop, whatever ``DINOKIT_DATA`` says); it trains into its own folder under ``runs/ablations/``
+and is skipped when already finished, so re-running a notebook only plots. An interrupted variant
+resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -12,7 +13,13 @@ from pathlib import Path
 
 from dinokit import paths, runs
 from dinokit.config import make_config
-from dinokit.data.source import data_tag
+
+# The short run every variant shares, per preset: fixed epochs (no time budget, so the variants are
+# comparable), a kNN check every epoch. About 2 minutes per variant on 2 cores for cpu-demo.
+SHORT_RUN = {
+    "ci": ["train.knn_every_epochs=1"],
+    "cpu-demo": ["train.time_budget_min=0", "optim.epochs=4", "train.knn_every_epochs=1"],
+}
 
 # What each switch shows (notebook 03 asks the questions):
 VARIANTS: dict[str, list[str]] = {
@@ -30,24 +37,45 @@ def _slug(name: str) -> str:
     return "".join(ch if ch.isalnum() else "-" for ch in name.lower()).strip("-")
 
 
-def ablation_dir(preset: str, name: str, overrides: Sequence[str] = ()) -> Path:
-    cfg = make_config(preset, list(overrides))
-    return paths.runs_dir() / "ablations" / f"{preset}-{data_tag(cfg)}" / _slug(name)
+def _embedded(preset: str, common: Sequence[str]) -> list[str]:
+    """The shared overrides, pinned to the embedded dataset of the preset's size."""
+    cfg = make_config(preset, list(common))
+    root = paths.embedded_dataset_dir(cfg.data.synth_per_class, cfg.data.synth_size)
+    return [*common, f"data.root={root}"]
+
+
+def ablation_dir(preset: str, name: str) -> Path:
+    return paths.runs_dir() / "ablations" / f"{preset}-embedded" / _slug(name)
+
+
+def reference_lines(preset: str, device: str = "auto") -> dict[str, float]:
+    """kNN of a random network of the ablations' shape, and chance: the floor of the ablation plot."""
+    from dinokit.data.source import prepare_split
+    from dinokit.device import resolve_device
+    from dinokit.eval.baselines import random_init_backbone
+    from dinokit.train.loop import knn_monitor
+
+    cfg = make_config(preset, _embedded(preset, SHORT_RUN.get(preset, [])))
+    split = prepare_split(cfg, progress=False)
+    knn = knn_monitor(random_init_backbone(cfg), split, cfg, resolve_device(device))["top1"]
+    return {"random init": knn, "chance": 100 / len(split.classes)}
 
 
 def run_ablations(
     preset: str,
     variants: Mapping[str, Sequence[str]] | None = None,
-    common: Sequence[str] = (),
     device: str = "auto",
 ) -> dict[str, Path]:
-    """Train (or reuse) every variant; returns {variant name: run folder}."""
+    """Train (or reuse) every variant of the preset's short run; returns {variant name: run folder}."""
+    from dinokit.data.source import resolve_data_root
     from dinokit.train.loop import pretrain
 
+    common = _embedded(preset, SHORT_RUN.get(preset, []))
+    resolve_data_root(make_config(preset, common))  # generate the embedded dataset if needed
     out = {}
     for name, overrides in (variants or VARIANTS).items():
         cfg = make_config(preset, [*common, *overrides])
-        run_dir = ablation_dir(preset, name, common)
+        run_dir = ablation_dir(preset, name)
         done, total = runs.run_progress(run_dir)
         if not total or done < total:
             print(f"ablation {name!r}: training into {run_dir}", flush=True)

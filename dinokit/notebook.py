@@ -59,6 +59,14 @@ def ensure_trained(cfg: Config, run_dir: Path, device: str = "auto") -> str:
     return result.status
 
 
+def report_dir_for(run_dir: Path) -> Path:
+    """``report/`` for the profile's own run; ``report/runs/<run>/`` for a variant or the ``ci``
+    profile, so a notebook run never overwrites the student's report or demo video."""
+    if run_dir == runs.profile_run_dir() and paths.profile() != "ci":
+        return paths.report_dir()
+    return paths.report_dir() / "runs" / run_dir.name
+
+
 def expect(condition: bool, message: str) -> bool:
     """A learning expectation: a warning when it fails (a student's ablation may learn less), not an error."""
     if not condition:

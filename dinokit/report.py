@@ -236,11 +236,15 @@ PROMPTS = {
 }
 
 
-def build_report(run_dir: str | Path | None = None, out_dir: str | Path | None = None) -> Path:
+def build_report(
+    run_dir: str | Path | None = None, out_dir: str | Path | None = None, bench_dir: str | Path | None = None
+) -> Path:
     """Rebuild ``report/report.{md,html}`` and ``report/figures/`` from saved artifacts, keeping the
-    student's text from the previous ``report.md``."""
+    student's text from the previous ``report.md``. Speed results come from ``bench_dir``
+    (default ``report/bench/``)."""
     run_dir = Path(run_dir) if run_dir else profile_run_dir()
     out_dir = Path(out_dir) if out_dir else paths.report_dir()
+    bench_dir = Path(bench_dir) if bench_dir else paths.report_dir() / "bench"
     r = Document(out_dir, student_text(out_dir / "report.md"))
     title = f"DINOv2 pre-training report: {run_dir.name}"
     r.p(
@@ -265,7 +269,7 @@ def build_report(run_dir: str | Path | None = None, out_dir: str | Path | None =
     r.student("results_accuracy", PROMPTS["results_accuracy"])
     _attention_section(r, run_dir)
     r.student("results_attention", PROMPTS["results_attention"])
-    _bench_section(r, out_dir / "bench")
+    _bench_section(r, bench_dir)
     r.student("results_speed", PROMPTS["results_speed"])
     r.h2("5. Discussion")
     r.student("discussion", PROMPTS["discussion"])

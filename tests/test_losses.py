@@ -115,3 +115,11 @@ def test_objective_sums_named_terms() -> None:
     expected = logs["loss_dino"] + logs["loss_ibot"] + 0.1 * logs["loss_koleo"]
     assert math.isclose(float(total), expected, rel_tol=1e-5)
     assert {"teacher_entropy", "teacher_kl_uniform"} <= logs.keys()
+
+
+def test_sinkhorn_with_no_rows_returns_no_rows() -> None:
+    """A process whose crops drew no mask still runs Sinkhorn-Knopp (and its all-reduces)."""
+    from dinokit.losses.teacher_norm import sinkhorn_knopp
+
+    out = sinkhorn_knopp(torch.empty(0, 8), 0.05)
+    assert out.shape == (0, 8)

@@ -57,7 +57,7 @@ def test_report_says_what_is_missing(full_run: Path, tmp_path: Path) -> None:
     bare.mkdir()
     for name in ("config.json", "run_info.json", "split.csv", "metrics.jsonl", "checkpoint.pt"):
         shutil.copy(full_run / name, bare / name)
-    build_report(bare, tmp_path / "out")
+    build_report(bare, tmp_path / "out", tmp_path / "no-bench")
     md = (tmp_path / "out" / "report.md").read_text()
     shown = display_path(bare)  # relative to the project, never this machine's absolute path
     assert f"dinokit eval {shown}" in md and f"dinokit attention {shown}" in md and "dinokit bench" in md

@@ -77,10 +77,10 @@ class DecodeToCanvas:
         if scale < 1.0:
             w, h = max(1, round(w * scale)), max(1, round(h * scale))
             image = image.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=2.0)
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
-        canvas = torch.zeros(3, self.canvas, self.canvas, dtype=torch.uint8)
-        canvas[:, :h, :w] = pixels
-        return {"canvas": canvas, "hw": torch.tensor([h, w])}
+        # Pad by repeating the edge pixels: a crop that touches the image's edge is resampled
+        # bilinearly and reads one pixel past it, which must not be a dark border.
+        pixels = np.pad(np.asarray(image, dtype=np.uint8), ((0, self.canvas - h), (0, self.canvas - w), (0, 0)), "edge")
+        return {"canvas": torch.from_numpy(pixels).permute(2, 0, 1).contiguous(), "hw": torch.tensor([h, w])}
 
 
 def crop_boxes(sizes: torch.Tensor, scale: tuple[float, float], tries: int = 10) -> torch.Tensor:

@@ -2,8 +2,8 @@
 
 Two global crops (scale 0.32-1) and N local crops (scale 0.05-0.32), each flipped, colour
 jittered (p=0.8), greyscaled (p=0.2) and blurred; the second global crop is solarized with p=0.2.
-Values from dinov2/data/augmentations.py. Blur radii are scaled with the crop size, so a 48 px
-crop is blurred like a 224 px one.
+Values from dinov2/data/augmentations.py. The blur's kernel (9 px) and sigma range (0.1-2.0) at
+224 px are scaled with the crop size, so a 48 px crop is blurred like a 224 px one.
 
 Blur probabilities (``crops.blur_p``, global 1 / global 2 / local): dinokit follows the papers
 (BYOL's asymmetric pair, kept by DINO and DINOv2), 1.0 / 0.1 / 0.5: one global view always
@@ -28,9 +28,10 @@ def _normalize() -> v2.Compose:
 
 
 def blur_kernel_and_sigma(size: int) -> tuple[int, tuple[float, float]]:
-    """Kernel size and sigma range for a ``size`` px crop: DINOv2's sigma in [0.1, 2.0] at 224 px, scaled."""
+    """Kernel size and sigma range for a ``size`` px crop: DINOv2's 9 px kernel and sigma in
+    [0.1, 2.0] at 224 px (dinov2/data/transforms.py), both scaled with the crop (odd, at least 3)."""
     sigma_max = 2.0 * size / 224
-    kernel = max(3, int(size * 0.1) | 1)  # odd kernel of about a tenth of the crop
+    kernel = max(3, int(round(9 * size / 224)) | 1)
     return kernel, (min(0.1, sigma_max), sigma_max)
 
 

@@ -27,28 +27,38 @@ def block_mask(
     aspect: tuple[float, float] = (0.3, 1 / 0.3),
     max_tries: int = 10,
 ) -> np.ndarray:
-    """A boolean ``grid`` mask with about ``n_masked`` True cells, made of rectangles."""
+    """A boolean ``grid`` mask of rectangles with at most ``n_masked`` True cells.
+
+    As the official ``MaskingGenerator``: each block's area is drawn between ``min_block`` and what
+    is left (capped at half the grid), its aspect ratio log-uniformly; a block must be strictly
+    smaller than the grid and add new cells without overshooting; ten failed tries end the mask,
+    which can then hold a little less than asked.
+    """
     h, w = grid
     mask = np.zeros(grid, dtype=bool)
     n_masked = min(n_masked, h * w)
+    max_block = 0.5 * h * w  # dinov2/train/train.py: max_num_patches = 0.5 * tokens
     log_aspect = (math.log(aspect[0]), math.log(aspect[1]))
-    stalls = 0
-    while mask.sum() < n_masked and stalls < 100:
-        remaining = n_masked - int(mask.sum())
+    count = 0
+    while count < n_masked:
+        budget = min(n_masked - count, max_block)
         added = 0
         for _ in range(max_tries):
-            area = rng.uniform(min(min_block, remaining), max(min(min_block, remaining), remaining))
+            area = rng.uniform(min(min_block, budget), max(min_block, budget))
             ratio = math.exp(rng.uniform(*log_aspect))
-            bh = min(h, max(1, int(round(math.sqrt(area * ratio)))))
-            bw = min(w, max(1, int(round(math.sqrt(area / ratio)))))
+            bh, bw = int(round(math.sqrt(area * ratio))), int(round(math.sqrt(area / ratio)))
+            if not (0 < bh < h and 0 < bw < w):
+                continue
             top, left = rng.integers(0, h - bh + 1), rng.integers(0, w - bw + 1)
             block = mask[top : top + bh, left : left + bw]
             new = int((~block).sum())
-            if 0 < new <= remaining:
+            if 0 < new <= budget:
                 block[:] = True
                 added = new
                 break
-        stalls = 0 if added else stalls + 1
+        if added == 0:
+            break
+        count += added
     return mask
 
 

@@ -168,6 +168,7 @@ def evaluate_run(
     feats = _features(backbone, split, size, feature_files[which], device, precision)
     metrics, probe = _probe_suite(feats, n_classes, probe_epochs, knn, linear)
     metrics.update({"run": run_dir.name, "which": which, "split_sha256": split.sha256, "classes": split.classes})
+    metrics["iteration"] = iteration  # of the checkpoint evaluated: a resumed run's results are stale
     metrics.update({"device": str(device), "precision": precision, "chance": 100.0 / n_classes})
     if baselines:
         feature_files["random_init"] = out_dir / f"features_random_{split.sha256[:12]}.pt"

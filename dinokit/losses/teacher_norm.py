@@ -48,7 +48,9 @@ class Centering(nn.Module):
 def sinkhorn_knopp(teacher_logits: torch.Tensor, temperature: float, n_iters: int = 3) -> torch.Tensor:
     """Targets whose columns (prototypes) share the global batch equally; rows sum to 1."""
     logits = teacher_logits.float()
-    peak = logits.max()
+    # A process may hold no rows (iBOT when none of its crops drew a mask): it still joins every
+    # all-reduce, with neutral values, so the others do not wait for it forever.
+    peak = logits.max() if logits.numel() else torch.tensor(float("-inf"), device=logits.device)
     if _dist_on():
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     q = torch.exp((logits - peak) / temperature).t()  # (K, B); the shift cancels in the sweeps

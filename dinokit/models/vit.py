@@ -144,7 +144,10 @@ class VisionTransformer(nn.Module):
             x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype), x)
         pos = self.pos_embed
         if (gh, gw) != tuple(self.grid):
-            pos = resample_abs_pos_embed(pos, new_size=(gh, gw), old_size=self.grid, num_prefix_tokens=1)
+            # bicubic without antialiasing, as DINOv2 (interpolate_antialias: false)
+            pos = resample_abs_pos_embed(
+                pos, new_size=(gh, gw), old_size=self.grid, num_prefix_tokens=1, antialias=False
+            )
         cls = self.cls_token.expand(b, -1, -1) + pos[:, :1]
         tokens = [cls]
         if self.reg_token is not None:

@@ -74,6 +74,7 @@ def compute_run_attention(
             "names": [r.name for r in records],
             "labels": [split.classes[r.label] for r in records],
             "patch_size": final.patch_size,
+            "iteration": runs.run_progress(run_dir)[0],  # of the checkpoint drawn
         },
         out,
     )
