@@ -79,7 +79,11 @@ def run_ablations(
         done, total = runs.run_progress(run_dir)
         if not total or done < total:
             print(f"ablation {name!r}: training into {run_dir}", flush=True)
-            pretrain(cfg, out_dir=run_dir, resume=done > 0, device=device)
+            result = pretrain(cfg, out_dir=run_dir, resume=done > 0, device=device)
+            if result.status != "finished":  # interrupted: stop here, the next call resumes this variant
+                print(f"ablation {name!r} {result.status}; run the cell again to continue", flush=True)
+                out[name] = run_dir
+                break
         out[name] = run_dir
     return out
 

@@ -174,9 +174,11 @@ def _attention_section(r: Document, run_dir: Path) -> None:
         ratio = jac["teacher"] / max(jac["random_init"], 1e-9)
         extra = f", supervised {jac['supervised']:.1f} %" if "supervised" in jac else ""
         r.p(
-            f"Does the CLS attention find the figure? Jaccard index between the 60 %-mass attention mask (last block, "
-            f"heads averaged) and the figure's true silhouette, on {jac['images']} held-out images: pre-trained "
-            f"{jac['teacher']:.1f} % against random init {jac['random_init']:.1f} % ({ratio:.1f}x){extra}."
+            "Does the CLS attention find the figure? Jaccard index between the 60 %-mass attention mask of the last "
+            f"block and the figure's true silhouette, on {jac['images']} held-out images at "
+            f"{jac.get('image_size', '?')} px, for the best head of each model (as DINO reports): pre-trained "
+            f"{jac['teacher']:.1f} % against "
+            f"random init {jac['random_init']:.1f} % ({ratio:.1f}x){extra}."
         )
         r.figure(jaccard_figure(jac), "attention_jaccard", "Jaccard of attention and figure across checkpoints")
     path = run_dir / "attention" / "maps.pt"

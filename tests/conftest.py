@@ -44,6 +44,15 @@ def write_kaggle(root: Path, per_class: int = 6, n_test: int = 4) -> Path:
 
 
 @pytest.fixture
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private data, runs and report place for a test that trains (no DINOKIT_DATA: embedded data)."""
+    monkeypatch.setenv("DINOKIT_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("DINOKIT_RUNS", str(tmp_path / "runs"))
+    monkeypatch.delenv("DINOKIT_DATA", raising=False)
+    return tmp_path
+
+
+@pytest.fixture
 def kaggle_root(tmp_path: Path) -> Path:
     return write_kaggle(tmp_path / "har")
 

@@ -60,7 +60,13 @@ def test_eval_errors_name_the_fix(trained: Path, tmp_path: Path) -> None:
     info = json.loads((trained / "run_info.json").read_text())
     info["split_sha256"] = "0" * 64
     (mismatched / "run_info.json").write_text(json.dumps(info))
-    with pytest.raises(EvalError, match="not the one"):
+    # Same folder, other images: the data was regenerated or edited since training.
+    with pytest.raises(EvalError, match="changed since mismatch was trained"):
+        evaluate_run(mismatched, baselines=False)
+    # Another folder altogether: the message says how to go back or train anew.
+    info["data_root"] = str(tmp_path / "some-other-dataset")
+    (mismatched / "run_info.json").write_text(json.dumps(info))
+    with pytest.raises(EvalError, match="is not the one mismatch was trained on"):
         evaluate_run(mismatched, baselines=False)
 
 

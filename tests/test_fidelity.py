@@ -16,14 +16,6 @@ from dinokit.runs import CheckpointError, load_checkpoint, save_atomic
 from dinokit.train.loop import TrainingDiverged, pretrain
 
 
-@pytest.fixture
-def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("DINOKIT_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("DINOKIT_RUNS", str(tmp_path / "runs"))
-    monkeypatch.delenv("DINOKIT_DATA", raising=False)
-    return tmp_path
-
-
 def test_a_centre_update_with_no_rows_keeps_the_centre() -> None:
     centre = Centering(4, momentum=0.9)
     centre.update(torch.ones(3, 4))

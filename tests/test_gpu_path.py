@@ -15,14 +15,6 @@ from dinokit.runs import DataMismatchError, default_run_dir, load_checkpoint, re
 from dinokit.train.loop import TrainingOutOfMemory, pretrain
 
 
-@pytest.fixture
-def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("DINOKIT_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("DINOKIT_RUNS", str(tmp_path / "runs"))
-    monkeypatch.delenv("DINOKIT_DATA", raising=False)
-    return tmp_path
-
-
 def _fp16(**extra):
     return make_config("ci", {"train.precision": "fp16", "train.knn_every_epochs": 100, **extra})
 

@@ -94,3 +94,14 @@ def test_report_has_the_assignment_sections_and_keeps_the_students_text(full_run
     again = (out / "report.md").read_text()
     assert mine in again and "A second paragraph" in (out / "report.html").read_text()
     assert again.count("<!-- your text:") == 7  # every section's block is still there
+
+
+def test_report_links_the_executed_notebooks(full_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "linked"
+    (out / "notebooks").mkdir(parents=True)
+    for name in ("01_data_prep", "04_linear_evaluation"):
+        (out / "notebooks" / f"{name}.html").write_text("<html></html>")
+    build_report(full_run, out)
+    md = (out / "report.md").read_text()
+    assert "[01_data_prep](notebooks/01_data_prep.html)" in md and "notebooks/04_linear_evaluation.html" in md
+    assert "05_flashattention_speed" not in md  # only the notebooks that were executed

@@ -43,3 +43,24 @@ def test_classes_are_not_separable_by_colour_statistics() -> None:
     pred = np.argmin(((feats[test][:, None] - centroids[None]) ** 2).sum(-1), axis=1)
     accuracy = (pred == labels[test]).mean()
     assert accuracy < 2.5 / len(CLASSES)  # chance is 1 / 12
+
+
+def _ensure(out: str) -> str:
+    from dinokit.data.synth import ensure_embedded
+
+    root = ensure_embedded(out, per_class=2, size=32)
+    return hashlib.sha256((root / "Training_set.csv").read_bytes()).hexdigest()
+
+
+def test_processes_that_generate_together_get_one_complete_copy(tmp_path: Path) -> None:
+    """One process per GPU starts at once: neither may delete or read the other's half-written copy."""
+    import multiprocessing as mp
+
+    out = tmp_path / "embedded"
+    (out / "train").mkdir(parents=True)  # a stale, incomplete copy (no stamp): replaced
+    with mp.get_context("spawn").Pool(3) as pool:
+        digests = pool.map(_ensure, [str(out)] * 3)
+    assert len(set(digests)) == 1
+    assert (out / ".synth-params").is_file()
+    assert len(list((out / "train").glob("*.jpg"))) == len(CLASSES) * 2
+    assert not list(tmp_path.glob(".embedded.*.partial"))  # no private copies left behind

@@ -13,14 +13,6 @@ from dinokit.runs import CheckpointError, load_backbone, load_checkpoint, read_m
 from dinokit.train.loop import TrainingDiverged, pretrain
 
 
-@pytest.fixture
-def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("DINOKIT_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("DINOKIT_RUNS", str(tmp_path / "runs"))
-    monkeypatch.delenv("DINOKIT_DATA", raising=False)
-    return tmp_path
-
-
 def _cfg(**extra):
     return make_config("ci", {"train.knn_every_epochs": 2, **extra})
 

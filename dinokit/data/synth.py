@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import csv
 import math
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -223,16 +225,30 @@ def generate(
 
 
 def ensure_embedded(out: str | Path, per_class: int = 300, size: int = 64, seed: int = 0) -> Path:
-    """Generate the embedded dataset unless a complete one with the same parameters exists."""
-    out = Path(out)
-    stamp = out / ".synth-params"
-    params = f"per_class={per_class} size={size} seed={seed} generator={GENERATOR_VERSION}\n"
-    if stamp.is_file() and stamp.read_text() == params and (out / "Training_set.csv").is_file():
-        return out
-    if out.exists():
-        import shutil
+    """Generate the embedded dataset unless a complete one with the same parameters exists.
 
-        shutil.rmtree(out)
-    generate(out, per_class=per_class, size=size, seed=seed)
-    stamp.write_text(params)
+    Generated into a private folder and renamed into place, so processes that start together
+    (one per GPU, notebooks side by side) never see, or delete, each other's half-written copy.
+    """
+    out = Path(out)
+    params = f"per_class={per_class} size={size} seed={seed} generator={GENERATOR_VERSION}\n"
+
+    def complete() -> bool:
+        stamp = out / ".synth-params"
+        return stamp.is_file() and stamp.read_text() == params and (out / "Training_set.csv").is_file()
+
+    if complete():
+        return out
+    shutil.rmtree(out, ignore_errors=True)  # an older generator's images, or a half-written copy
+    out.parent.mkdir(parents=True, exist_ok=True)
+    private = out.parent / f".{out.name}.{os.getpid()}.partial"
+    shutil.rmtree(private, ignore_errors=True)
+    generate(private, per_class=per_class, size=size, seed=seed)
+    (private / ".synth-params").write_text(params)
+    try:
+        private.rename(out)
+    except OSError:  # another process finished first: keep its copy (same seed, same bytes)
+        shutil.rmtree(private, ignore_errors=True)
+        if not complete():
+            raise
     return out

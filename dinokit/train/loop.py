@@ -307,6 +307,8 @@ def pretrain(
         )
 
     budget = None
+    if cfg.train.time_budget_min > 0 and sharded:
+        raise ValueError("train.time_budget_min cannot time an FSDP run; set optim.epochs instead")
     if cfg.train.time_budget_min > 0 and not resume:
         budget = _fit_time_budget(cfg, run_step, save, loader, sampler, dataset, objective, optimizer, scaler,
                                   teacher, split, device, precision, iters_per_epoch, run_dir)  # fmt: skip
@@ -497,6 +499,10 @@ def _fit_time_budget(
     optimizer.state.clear()
     objective.load_state_dict(saved["objective"])
     scaler.load_state_dict(saved["scaler"])
+    if dist.is_initialized():  # every process must train the same schedule: the slowest decides
+        epochs = torch.tensor(choice.epochs, device=device)
+        dist.all_reduce(epochs, op=dist.ReduceOp.MIN)
+        choice.epochs = int(epochs.item())
     choice.knn = knn
     cfg.optim.epochs = choice.epochs  # written to config.json: resume and reruns follow the same schedule
     cfg.train.time_budget_min = 0.0
