@@ -195,7 +195,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # prototypes, since the whole run is a few epochs; teacher temperature 0.04 throughout (no time
     # for a warm-up); 6 local crops (the attention finds the figure better than with 4); crops
     # augmented on the device (1.8x the per-image pipeline here); attention maps drawn at 96 px
-    # (12 x 12 patches).
+    # (12 x 12 patches). fp32, not auto: at width 128 bf16 autocast's casts cost more than its
+    # matmuls save (0.73x fp32 on an AVX512-BF16 Xeon, benchmarks/step_throughput.py).
     "cpu-demo": {
         "data.synth_per_class": 300,
         "data.synth_size": 64,
@@ -225,6 +226,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "loss.warmup_teacher_temp": 0.04,
         "loss.teacher_temp": 0.04,
         "train.time_budget_min": 5.5,
+        "train.precision": "fp32",
         "train.log_every": 5,
         "train.checkpoint_every": 100,
         "train.knn_every_epochs": 2,
