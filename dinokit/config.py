@@ -230,7 +230,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train.log_every": 5,
         "train.checkpoint_every": 100,
         "train.knn_every_epochs": 2,
-        "train.precision": "auto",
     },
     # The assignment on one GPU: ViT-S/8, 2 x 224 + 8 x 96 crops (DINOv2 defaults).
     "har-vits8": {
