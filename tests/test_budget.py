@@ -7,7 +7,7 @@ import pytest
 
 from dinokit.config import make_config
 from dinokit.runs import read_metrics
-from dinokit.train.budget import epochs_that_fit, knn_checks, run_seconds
+from dinokit.train.budget import BudgetChoice, calibrate, epochs_that_fit, knn_checks, run_seconds
 from dinokit.train.loop import pretrain
 
 
@@ -25,6 +25,24 @@ def test_epochs_that_fit_by_hand() -> None:
     assert epochs_that_fit(1.0, 1.0, 5.0, 10, 2) == 1  # never fewer than one epoch
     # checkpoints every 15 iterations at 2 s each, plus the two final saves
     assert run_seconds(3, 1.0, 0.0, 2.0, 10, 100, 15) == 30 + (29 // 15 + 2) * 2.0
+
+
+def test_the_budget_is_a_ceiling_on_the_recipes_epochs() -> None:
+    """A fast machine trains the recipe's epochs, no more; a slow one as many as fit."""
+    import itertools
+    import time
+
+    def run(minutes: float, step_s: float) -> BudgetChoice:
+        return calibrate(
+            minutes, itertools.repeat({}), lambda batch, i: time.sleep(step_s), lambda: None, lambda: None,
+            iters_per_epoch=10, knn_every=1, checkpoint_every=1 << 30, warmup=0, timed=2, max_epochs=3,
+        )  # fmt: skip
+
+    fast = run(minutes=10.0, step_s=0.0)
+    assert fast.epochs == 3 and "all 3 epochs of the recipe" in fast.why()
+    slow = run(minutes=0.04, step_s=0.1)  # 2.4 s, 0.2 s of it timing: two epochs of 1 s fit, not three
+    assert slow.epochs == 2 and "2 of the recipe's 3 epochs" in slow.why()
+    assert epochs_that_fit(1e6, 1.0, 0.0, 10, 1, max_epochs=4) == 4
 
 
 @pytest.mark.slow

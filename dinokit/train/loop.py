@@ -494,7 +494,7 @@ def _fit_time_budget(
 
     choice = calibrate(
         cfg.train.time_budget_min, batches(), lambda b, i: run_step(b, i, frozen), knn_check, save_check,
-        iters_per_epoch, cfg.train.knn_every_epochs, cfg.train.checkpoint_every,
+        iters_per_epoch, cfg.train.knn_every_epochs, cfg.train.checkpoint_every, max_epochs=cfg.optim.epochs,
     )  # fmt: skip
     optimizer.state.clear()
     objective.load_state_dict(saved["objective"])
