@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=_cmd_bench)
 
     attention = sub.add_parser("attention", help="CLS attention maps of held-out images, per checkpoint")
-    attention.add_argument("run_dir", nargs="?", help="default: runs/$DINOKIT_PROFILE")
+    attention.add_argument("run_dir", nargs="?", help="default: runs/$DINOKIT_PROFILE-<dataset>")
     attention.add_argument("--images", type=int, default=8)
     attention.add_argument(
         "--size",
@@ -236,12 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
     attention.set_defaults(func=_cmd_attention)
 
     report = sub.add_parser("report", help="rebuild report/figures and report/report.{md,html} from saved results")
-    report.add_argument("run_dir", nargs="?", help="default: runs/$DINOKIT_PROFILE")
+    report.add_argument("run_dir", nargs="?", help="default: runs/$DINOKIT_PROFILE-<dataset>")
     report.add_argument("--out", help="report folder (default: report/)")
     report.set_defaults(func=_cmd_report)
 
     video = sub.add_parser("video", help="the demo video (MP4, GIF fallback) from saved results")
-    video.add_argument("run_dir", nargs="?", help="default: runs/$DINOKIT_PROFILE")
+    video.add_argument("run_dir", nargs="?", help="default: runs/$DINOKIT_PROFILE-<dataset>")
     video.add_argument("--out", help="default: report/demo.mp4")
     video.set_defaults(func=_cmd_video)
 

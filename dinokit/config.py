@@ -192,7 +192,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # time budget, so the whole `make demo` fits a quarter of an hour on slow and fast machines
     # alike (README, "The cpu-demo preset, and how it was found"). Not more epochs on a fast
     # machine: in an 8-epoch run kNN gained < 1 point after epoch 4 while the attention drifted off
-    # the figure (Jaccard 50.7 % at epoch 2, 33.6 % at 4, 26.6 % at 8; random init 26.2 %). Small
+    # the figure (Jaccard 50.6 % at epoch 2, 33.6 % at 4, 26.6 % at 8; random init 26.2 %). Small
     # ViT (width 128, 4 blocks, patch 8 on 48 px crops, 256 prototypes); batch 32 for more updates
     # per minute; a fixed lr of 5e-4 (DINOv2's sqrt rule is meant for long runs); a faster teacher
     # (momentum 0.98 -> 1) and no frozen prototypes, since the whole run is a few epochs; teacher

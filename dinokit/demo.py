@@ -1,10 +1,11 @@
 """``make demo`` / ``dinokit demo``: the whole story on the embedded dataset, resumable.
 
 Each step is skipped when its result is already on disk, so re-running after an interruption
-continues where it stopped: data -> pre-training (for a time budget measured on this machine) ->
-evaluation (kNN and linear probe of the pre-trained teacher against a random network of the same
-shape, raw pixels, and the same network trained with labels for the same time; does the attention
-find the figure?) -> speed study (FlashAttention on vs off) -> attention maps -> report -> video.
+continues where it stopped: data -> pre-training (the recipe's epochs, fewer if they do not fit a
+time budget measured on this machine) -> evaluation (kNN and linear probe of the pre-trained
+teacher against a random network of the same shape, raw pixels, and the same network trained with
+labels for the same time; does the attention find the figure?) -> speed study (FlashAttention on
+vs off) -> attention maps -> report -> video.
 """
 
 from __future__ import annotations
