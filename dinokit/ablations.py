@@ -39,9 +39,13 @@ def _slug(name: str) -> str:
 
 
 def _embedded(preset: str, common: Sequence[str]) -> list[str]:
-    """The shared overrides, pinned to the embedded dataset of the preset's size."""
-    cfg = make_config(preset, list(common))
-    root = paths.embedded_dataset_dir(cfg.data.synth_per_class, cfg.data.synth_size)
+    """The shared overrides, pinned to the embedded dataset of the preset's size (generated if needed:
+    a pinned ``data.root`` is read as given, never generated)."""
+    from dinokit.data.synth import ensure_embedded
+
+    data = make_config(preset, list(common)).data
+    root = paths.embedded_dataset_dir(data.synth_per_class, data.synth_size)
+    ensure_embedded(root, data.synth_per_class, data.synth_size)
     return [*common, f"data.root={root}"]
 
 
@@ -67,25 +71,19 @@ def run_ablations(
     variants: Mapping[str, Sequence[str]] | None = None,
     device: str = "auto",
 ) -> dict[str, Path]:
-    """Train (or reuse) every variant of the preset's short run; returns {variant name: run folder}."""
-    from dinokit.data.source import resolve_data_root
-    from dinokit.train.loop import pretrain
+    """Train (or reuse) every variant of the preset's short run; returns {variant name: run folder}.
+
+    An interrupted variant ends the loop: the next call resumes it, then trains the rest.
+    """
+    from dinokit.notebook import ensure_trained
 
     common = _embedded(preset, SHORT_RUN.get(preset, []))
-    resolve_data_root(make_config(preset, common))  # generate the embedded dataset if needed
     out = {}
     for name, overrides in (variants or VARIANTS).items():
-        cfg = make_config(preset, [*common, *overrides])
-        run_dir = ablation_dir(preset, name)
-        done, total = runs.run_progress(run_dir)
-        if not total or done < total:
-            print(f"ablation {name!r}: training into {run_dir}", flush=True)
-            result = pretrain(cfg, out_dir=run_dir, resume=done > 0, device=device)
-            if result.status != "finished":  # interrupted: stop here, the next call resumes this variant
-                print(f"ablation {name!r} {result.status}; run the cell again to continue", flush=True)
-                out[name] = run_dir
-                break
-        out[name] = run_dir
+        out[name] = run_dir = ablation_dir(preset, name)
+        print(f"ablation {name!r} -> {run_dir}", flush=True)
+        if ensure_trained(make_config(preset, [*common, *overrides]), run_dir, device=device) != "finished":
+            break
     return out
 
 

@@ -45,6 +45,11 @@ class CropConfig:
     # so a small model trained on 48 px crops can be asked for 12 x 12 maps at 96 px.
     attention_size: int = 0
 
+    @property
+    def attention_image_size(self) -> int:
+        """The size attention maps and their Jaccard score are computed at."""
+        return self.attention_size or self.eval_size
+
 
 @dataclass
 class MaskConfig:

@@ -46,9 +46,8 @@ def test_the_budget_is_a_ceiling_on_the_recipes_epochs() -> None:
 
 
 @pytest.mark.slow
-def test_a_budgeted_run_times_itself_and_records_the_choice(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("DINOKIT_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.delenv("DINOKIT_DATA", raising=False)
+def test_a_budgeted_run_times_itself_and_records_the_choice(env: Path) -> None:
+    tmp_path = env
     result = pretrain(make_config("ci", {"train.time_budget_min": 0.1}), out_dir=tmp_path / "r", device="cpu")
     info = json.loads((tmp_path / "r" / "run_info.json").read_text())
     saved = json.loads((tmp_path / "r" / "config.json").read_text())

@@ -130,3 +130,19 @@ def test_torch_compile_option_trains(env: Path) -> None:
     assert result.status == "finished"
     state = load_checkpoint(env / "c" / "checkpoint.pt")
     assert not any(k.startswith("_orig_mod") for k in state["student"])
+
+
+def test_ablations_train_on_a_fresh_machine_then_only_open(env: Path, capsys) -> None:
+    """The variants pin the embedded dataset, so they must generate it themselves; a second call retrains nothing."""
+    from dinokit.ablations import VARIANTS, knn_curves, reference_lines, run_ablations
+
+    variants = {k: VARIANTS[k] for k in ("full DINOv2", "KoLeo off")}
+    first = run_ablations("ci", variants, device="cpu")
+    assert all(run_progress(d)[0] == run_progress(d)[1] > 0 for d in first.values())
+    stamps = {d: (d / "checkpoint.pt").stat().st_mtime_ns for d in first.values()}
+    capsys.readouterr()
+    again = run_ablations("ci", variants, device="cpu")
+    assert again == first and {d: (d / "checkpoint.pt").stat().st_mtime_ns for d in again.values()} == stamps
+    assert capsys.readouterr().out.count("opening the finished run") == 2
+    assert all(knn_curves(first).values())
+    assert reference_lines("ci", device="cpu")["chance"] == 100 / 12

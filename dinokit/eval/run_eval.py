@@ -218,7 +218,7 @@ def _jaccard_suite(run_dir: Path, cfg, backbone, split: Split, silhouettes, metr
     """Jaccard (%) of the 60 %-mass CLS attention against the figure, best head (as DINO) and head
     average: the final teacher, random init, the supervised reference when trained, and every
     snapshot (when does the figure emerge?)."""
-    size = cfg.crops.attention_size or cfg.crops.eval_size
+    size = cfg.crops.attention_image_size
     score = lambda model: attention_jaccard(model, split.val, silhouettes, size)  # noqa: E731
     teacher, random = score(backbone), score(random_init_backbone(cfg))
     out = {

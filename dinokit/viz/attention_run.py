@@ -44,7 +44,7 @@ def compute_run_attention(
     split = prepare_split(cfg, progress=False)
     runs.check_data(run_dir, split.sha256, resolve_data_root(cfg))
     records = pick_images(split, n_images)
-    size = size or cfg.crops.attention_size or cfg.crops.eval_size
+    size = size or cfg.crops.attention_image_size
     pil = [load_rgb(r.source) for r in records]
     final = runs.load_backbone(run_dir, device=device)
     images, maps = attention_for_records(final, pil, size)
