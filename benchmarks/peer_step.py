@@ -14,7 +14,12 @@ requirement. Both sides get the same pre-cut crops (random tensors), so only the
 Each measurement runs in a fresh process; the order alternates over rounds; images/s are source
 images per second (median of the timed steps), and the ratio is taken within each round.
 
-    python benchmarks/peer_step.py [--rounds 3] [--steps 6] [--threads 2]
+``--profile`` also profiles two steps of each side (torch.profiler) and reports the share of the
+step spent in matrix multiplies (``mm``/``addmm``/``bmm``): both sides multiply the same matrices,
+so the peer's step time over dinokit's matmul time bounds the ratio any fp32 implementation of the
+same step can reach here, however little it spends outside them.
+
+    python benchmarks/peer_step.py [--rounds 3] [--steps 6] [--threads 2] [--profile]
 """
 
 from __future__ import annotations
@@ -55,7 +60,11 @@ def _inputs(seed: int = 0):
     return globals_, locals_
 
 
-def _time_steps(step, steps: int, warmup: int = 2) -> float:
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def _time_steps(step, steps: int, warmup: int = 2, profile: bool = False) -> dict[str, float]:
+    """``{"img_s"}``, and with ``profile`` ``{"step_s", "matmul_s"}`` per step from a profiled pair."""
     for _ in range(warmup):
         step()
     times = []
@@ -63,10 +72,22 @@ def _time_steps(step, steps: int, warmup: int = 2) -> float:
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return BATCH / statistics.median(times)
+    result = {"img_s": BATCH / statistics.median(times)}
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(2):
+                step()
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events)
+        matmul = sum(e.self_cpu_time_total for e in events if e.key in MATMULS)
+        result.update(step_s=total / 2e6, matmul_s=matmul / 2e6)  # microseconds over two steps
+    return result
 
 
-def measure_peer(steps: int, threads: int) -> float:
+def measure_peer(steps: int, threads: int, profile: bool = False) -> dict[str, float]:
     """lightly's DINO example step (per-view forwards, as its documentation writes it)."""
     sys.path.insert(0, str(PEER_DIR))
     import copy
@@ -107,10 +128,10 @@ def measure_peer(steps: int, threads: int) -> float:
         optimizer.step()
         optimizer.zero_grad()
 
-    return _time_steps(step, steps)
+    return _time_steps(step, steps, profile=profile)
 
 
-def measure_dinokit(full: bool, steps: int, threads: int) -> float:
+def measure_dinokit(full: bool, steps: int, threads: int, profile: bool = False) -> dict[str, float]:
     """dinokit's own ``train_step`` on the same shapes and crops."""
     import torch
 
@@ -151,10 +172,10 @@ def measure_dinokit(full: bool, steps: int, threads: int) -> float:
     def step() -> None:
         train_step(student, teacher, objective, optimizer, scaler, batch, sched, "fp32", cpu, 3.0)
 
-    return _time_steps(step, steps)
+    return _time_steps(step, steps, profile=profile)
 
 
-def _fresh(fn, *args) -> float:
+def _fresh(fn, *args) -> dict[str, float]:
     with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
         return pool.submit(fn, *args).result()
 
@@ -164,30 +185,43 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--profile", action="store_true", help="also the share of each step spent in matmuls")
     parser.add_argument("--out", type=Path, help="also write the rounds as JSON here")
     args = parser.parse_args()
     ensure_peer()
+    peer = "peer (lightly DINO)"
     sides = {
-        "peer (lightly DINO)": (measure_peer, args.steps, args.threads),
-        "dinokit like-for-like": (measure_dinokit, False, args.steps, args.threads),
-        "dinokit full DINOv2": (measure_dinokit, True, args.steps, args.threads),
+        peer: (measure_peer, args.steps, args.threads, args.profile),
+        "dinokit like-for-like": (measure_dinokit, False, args.steps, args.threads, args.profile),
+        "dinokit full DINOv2": (measure_dinokit, True, args.steps, args.threads, args.profile),
     }
     rounds = []
     for r in range(args.rounds):
         order = list(sides) if r % 2 == 0 else list(sides)[::-1]
         result = {name: _fresh(*sides[name]) for name in order}
         rounds.append(result)
-        print(f"round {r + 1}: " + ", ".join(f"{k} {v:.1f} img/s" for k, v in result.items()), flush=True)
-    peer = "peer (lightly DINO)"
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v['img_s']:.1f} img/s" for k, v in result.items()), flush=True)
     machine = os.popen("grep -m1 'model name' /proc/cpuinfo").read().split(":")[-1].strip() or "cpu"
     print(f"\n{machine}, {args.threads} threads, fp32, ViT-Ti/8, 2x64 + 4x32 crops, batch {BATCH}, fresh processes:")
     for name in sides:
-        speeds = [x[name] for x in rounds]
-        ratios = [x[name] / x[peer] for x in rounds]
+        speeds = [x[name]["img_s"] for x in rounds]
+        ratios = [x[name]["img_s"] / x[peer]["img_s"] for x in rounds]
         print(f"  {name:<24} {statistics.median(speeds):6.1f} img/s (range {min(speeds):.1f}-{max(speeds):.1f})   "
               f"{statistics.median(ratios):.2f}x the peer (range {min(ratios):.2f}-{max(ratios):.2f})")  # fmt: skip
+    if args.profile:
+        print("\nprofiled steps (median over rounds): time in matrix multiplies, and the ceiling it sets")
+        peer_step_s = statistics.median(x[peer]["step_s"] for x in rounds)
+        for name in sides:
+            step_s = statistics.median(x[name]["step_s"] for x in rounds)
+            matmul_s = statistics.median(x[name]["matmul_s"] for x in rounds)
+            line = f"  {name:<24} step {step_s:.2f} s, matmuls {matmul_s:.2f} s ({100 * matmul_s / step_s:.0f} %)"
+            if name != peer:
+                line += f"; ceiling with nothing but its matmuls: {peer_step_s / matmul_s:.2f}x the peer"
+            print(line)
     if args.out:
-        args.out.write_text(json.dumps({"machine": machine, "rounds": rounds}, indent=1) + "\n")
+        args.out.write_text(
+            json.dumps({"machine": machine, "threads": args.threads, "rounds": rounds}, indent=1) + "\n"
+        )
 
 
 if __name__ == "__main__":

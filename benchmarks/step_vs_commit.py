@@ -2,11 +2,14 @@
 
 Each variant trains ``--iters`` iterations in a fresh process, in alternating order over rounds, with
 the older checkout's own code on ``sys.path``; images/s is the median the loop logs to
-``metrics.jsonl`` (first window dropped). The crops are pinned to the older preset's
-(2 x 48 + 4 x 24) so both do the same work.
+``metrics.jsonl`` (first window dropped). Against a1a035a, whose preset cut 2 x 48 + 4 x 24 crops
+in the loader, ``--pin-a1a035a`` pins the crops to those so both do the same work; without it,
+both run the preset as each checkout defines it (for a recent commit with the same preset).
 
     git worktree add /tmp/before a1a035a
-    python benchmarks/step_vs_commit.py --before /tmp/before [--rounds 2]
+    python benchmarks/step_vs_commit.py --before /tmp/before --pin-a1a035a [--rounds 2]
+    git worktree add /tmp/before a32085c     # before the last block computed only what the losses read
+    python benchmarks/step_vs_commit.py --before /tmp/before --rounds 3
 """
 
 from __future__ import annotations
@@ -44,14 +47,21 @@ def main() -> None:
     parser.add_argument("--before", type=Path, required=True, help="a checkout of the older commit")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--iters", type=int, default=60)
+    parser.add_argument("--pin-a1a035a", action="store_true", help="the crops and augmentation of a1a035a's preset")
     args = parser.parse_args()
     now = Path(__file__).resolve().parents[1]
-    same_work = {"train.time_budget_min": 0, "crops.n_local": 4}
-    variants = {
-        f"before ({args.before.name})": (args.before, {}),
-        "now, data.augment_on=loader": (now, {"data.augment_on": "loader", **same_work}),
-        "now, data.augment_on=device": (now, {"data.augment_on": "device", **same_work}),
-    }
+    if args.pin_a1a035a:
+        same_work = {"train.time_budget_min": 0, "crops.n_local": 4}
+        variants = {
+            f"before ({args.before.name})": (args.before, {}),
+            "now, data.augment_on=loader": (now, {"data.augment_on": "loader", **same_work}),
+            "now, data.augment_on=device": (now, {"data.augment_on": "device", **same_work}),
+        }
+    else:
+        variants = {
+            f"before ({args.before.name})": (args.before, {"train.time_budget_min": 0}),
+            "now": (now, {"train.time_budget_min": 0}),
+        }
     results: dict[str, list[float]] = {name: [] for name in variants}
     for r in range(args.rounds):
         order = list(variants) if r % 2 == 0 else list(variants)[::-1]

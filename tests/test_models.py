@@ -4,7 +4,7 @@ import torch
 from dinokit.models.attention import BACKENDS, flash_attn_available, get_attention_backend
 from dinokit.models.heads import DINOHead
 from dinokit.models.pretrained import load_timm_vit_weights
-from dinokit.models.vit import build_vit
+from dinokit.models.vit import build_vit, selected_queries
 
 # SDPA has no memory-efficient kernel on the CPU; flash-attn needs its package and a GPU.
 CPU_BACKENDS = [b for b in BACKENDS if b not in ("flash-attn", "sdpa-efficient")]
@@ -89,6 +89,55 @@ def test_efficient_drop_path_matches_expectation() -> None:
     assert not torch.allclose(one, full)
     one.sum().backward()  # gradients flow through the subset path
     assert model.blocks[1].attn.qkv.weight.grad is not None
+
+
+def test_selected_queries_order_and_padding() -> None:
+    select = torch.tensor([[False, True, False, True], [False, False, False, False], [True, False, False, False]])
+    queries, valid = selected_queries(select, 3, n_prefix=2, device=torch.device("cpu"))
+    # CLS (index 0), then each image's selected patches (offset by the 2 prefix tokens), padded to 2
+    assert queries[:, 0].tolist() == [0, 0, 0]
+    assert queries[0, 1:].tolist() == [3, 5] and queries[2, 1].item() == 2
+    assert valid.tolist() == [[True, True], [False, False], [True, False]]
+    none, empty = selected_queries(None, 3, 2, torch.device("cpu"))
+    assert none.tolist() == [[0], [0], [0]] and empty.shape == (3, 0)
+
+
+@pytest.mark.parametrize(
+    "drop_path, efficient, checkpointing",
+    [(0.0, True, False), (0.5, True, False), (0.5, False, False), (0.0, True, True)],
+)
+def test_forward_selected_equals_full_forward(drop_path: float, efficient: bool, checkpointing: bool) -> None:
+    """The training forward computes the last block only for CLS and the selected patches: the same
+    values and gradients as the full forward, with and without stochastic depth (same draws)."""
+    torch.manual_seed(0)
+    kwargs = {"drop_path": drop_path, "efficient_drop_path": efficient, "layerscale": 1e-1, "n_registers": 1}
+    model = build_vit("vit_pico", img_size=32, patch_size=8, grad_checkpointing=checkpointing, **kwargs).train()
+    x = torch.randn(6, 3, 32, 32)
+    masks = torch.rand(6, 16) < 0.3
+    masks[1] = False  # an image without masked patches
+    results = []
+    for selected in (False, True):
+        torch.manual_seed(1)
+        if selected:
+            out = model.forward_selected(x, masks, select=masks)
+            cls, patch = out["cls"], out["patch"]
+        else:
+            out = model.forward_features(x, masks)
+            cls, patch = out["cls"], out["patch"][masks]
+        (cls.sin().sum() + patch.cos().sum()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+        results.append((cls.detach(), patch.detach(), grads))
+    (cls_full, patch_full, grads_full), (cls_sel, patch_sel, grads_sel) = results
+    assert patch_sel.shape == (int(masks.sum()), 48)
+    assert torch.allclose(cls_sel, cls_full, atol=1e-5) and torch.allclose(patch_sel, patch_full, atol=1e-5)
+    assert grads_sel.keys() == grads_full.keys()
+    for name, grad in grads_full.items():
+        assert torch.allclose(grads_sel[name], grad, atol=1e-5, rtol=1e-4), name
+    # CLS only (local crops, DINO-only runs): one query token in the last block
+    torch.manual_seed(1)
+    cls_only = model.forward_selected(x, masks)
+    assert cls_only["patch"].shape == (0, 48) and torch.allclose(cls_only["cls"], cls_full, atol=1e-5)
 
 
 def test_dino_head_logits_are_cosines() -> None:

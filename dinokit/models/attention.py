@@ -64,15 +64,22 @@ class Attention(nn.Module):
         self.keep_attention = False  # naive backend only: store the last attention weights
         self.last_attention: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, queries: torch.Tensor | None = None) -> torch.Tensor:
+        """``queries`` (b, m) token indices: only those tokens attend (to all n), giving (b, m, c).
+
+        The training forward uses it in the last block, whose other outputs no loss reads.
+        """
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
-        if self.backend == "flash-attn":
+        if self.backend == "flash-attn" and queries is None:
             from flash_attn import flash_attn_qkvpacked_func
 
             out = flash_attn_qkvpacked_func(qkv, softmax_scale=self.scale)  # (b, n, h, d)
             return self.proj(out.reshape(b, n, c))
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (b, h, n, d)
+        if queries is not None:
+            index = queries[:, None, :, None].expand(-1, self.num_heads, -1, self.head_dim)
+            q, n = q.gather(2, index), queries.shape[1]
         if self.backend == "naive":
             attn = (q * self.scale) @ k.transpose(-2, -1)
             attn = attn.softmax(dim=-1)

@@ -30,8 +30,9 @@ class SSLModel(nn.Module):
 
         Either way the iBOT head scores the tokens at the masked positions.
         """
-        g = self.backbone.forward_features(global_crops, masks if mask_input else None)
-        local_cls = self.backbone.forward_features(local_crops)["cls"] if local_crops is not None else None
+        # Only what the losses read leaves the last block: CLS, and the patches at masked positions.
+        g = self.backbone.forward_selected(global_crops, masks if mask_input else None, select=masks)
+        local_cls = self.backbone.forward_selected(local_crops)["cls"] if local_crops is not None else None
         # Heads in fp32 even under autocast: their cosine logits are divided by temperatures
         # as low as 0.04, and bf16 rounding (~0.4%) would swamp the differences between images.
         with torch.autocast(global_crops.device.type, enabled=False):
@@ -40,7 +41,7 @@ class SSLModel(nn.Module):
                 out["dino_local"] = self.dino_head(local_cls.float())
             if masks is not None:
                 head = self.ibot_head or self.dino_head
-                out["ibot"] = head(g["patch"][masks].float())
+                out["ibot"] = head(g["patch"].float())
         return out
 
 

@@ -27,12 +27,17 @@ ARCHS = {
 }
 
 
-def _drop_add_residual_subset(x: torch.Tensor, branch: nn.Module, drop_rate: float) -> torch.Tensor:
-    """Stochastic depth that skips the compute of dropped samples (DINOv2's efficient variant)."""
+def _drop_add_residual_subset(
+    x: torch.Tensor, branch, drop_rate: float, inputs: tuple[torch.Tensor, ...] | None = None
+) -> torch.Tensor:
+    """Stochastic depth that skips the compute of dropped samples (DINOv2's efficient variant).
+
+    ``branch(*inputs)`` (default ``branch(x)``) is computed for the kept samples and added to ``x``.
+    """
     b = x.shape[0]
     keep = max(int(b * (1 - drop_rate)), 1)
     idx = torch.randperm(b, device=x.device)[:keep]
-    residual = branch(x[idx])
+    residual = branch(*(t[idx] for t in (inputs or (x,))))
     scale = b / keep  # unbiased: E[update] equals the full residual
     return torch.index_add(x.flatten(1), 0, idx, residual.to(x.dtype).flatten(1), alpha=scale).view_as(x)
 
@@ -59,18 +64,25 @@ class Block(nn.Module):
         self.efficient_drop_path = efficient_drop_path
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def _attn_branch(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ls1(self.attn(self.norm1(x)))
+    def _attn_branch(self, x: torch.Tensor, queries: torch.Tensor | None = None) -> torch.Tensor:
+        return self.ls1(self.attn(self.norm1(x), queries))
 
     def _mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
         return self.ls2(self.mlp(self.norm2(x)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, queries: torch.Tensor | None = None) -> torch.Tensor:
+        """``queries`` (b, m) token indices: compute the block's output for those tokens only, (b, m, c).
+
+        Exact for them: every token still serves as a key and value. The same random draws
+        as the full block, so stochastic depth drops the same samples.
+        """
+        x_out = x if queries is None else x.gather(1, queries[..., None].expand(-1, -1, x.shape[-1]))
         if self.training and self.drop_path_rate > 0 and self.efficient_drop_path:
-            x = _drop_add_residual_subset(x, self._attn_branch, self.drop_path_rate)
-            return _drop_add_residual_subset(x, self._mlp_branch, self.drop_path_rate)
-        x = x + self.drop_path(self._attn_branch(x))
-        return x + self.drop_path(self._mlp_branch(x))
+            inputs = (x,) if queries is None else (x, queries)
+            x_out = _drop_add_residual_subset(x_out, self._attn_branch, self.drop_path_rate, inputs)
+            return _drop_add_residual_subset(x_out, self._mlp_branch, self.drop_path_rate)
+        x_out = x_out + self.drop_path(self._attn_branch(x, queries))
+        return x_out + self.drop_path(self._mlp_branch(x_out))
 
 
 class VisionTransformer(nn.Module):
@@ -166,6 +178,27 @@ class VisionTransformer(nn.Module):
         r = self.n_prefix_tokens
         return {"cls": out[:, 0], "reg": out[:, 1:r], "patch": out[:, r:], "prenorm": x}
 
+    def forward_selected(
+        self, x: torch.Tensor, masks: torch.Tensor | None = None, select: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The training forward: ``{"cls": (b, d), "patch": (k, d)}``, the patch tokens where
+        ``select`` (b, gh*gw) is True, in the order of ``forward_features(x)["patch"][select]``.
+
+        The losses read only these (CLS for DINO and KoLeo, masked patches for iBOT), so the
+        last block computes its output for them alone; the other tokens are still its keys and
+        values. The same numbers as the full forward, for fewer FLOPs: all of the last block's
+        projection and MLP but one token on local crops and on DINO-only runs.
+        """
+        tokens = self.prepare_tokens(x, masks)
+        checkpointing = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        *body, last = self.blocks
+        for block in body:
+            tokens = checkpoint(block, tokens, use_reentrant=False) if checkpointing else block(tokens)
+        queries, valid = selected_queries(select, tokens.shape[0], self.n_prefix_tokens, tokens.device)
+        out = checkpoint(last, tokens, queries, use_reentrant=False) if checkpointing else last(tokens, queries)
+        out = self.norm(out)
+        return {"cls": out[:, 0], "patch": out[:, 1:][valid]}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)["cls"]
 
@@ -195,6 +228,24 @@ class VisionTransformer(nn.Module):
             return target.last_attention
         finally:
             target.backend, target.keep_attention, target.last_attention = saved, False, None
+
+
+def selected_queries(
+    select: torch.Tensor | None, batch: int, n_prefix: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token indices for :meth:`VisionTransformer.forward_selected`: CLS, then each image's selected
+    patches in order, padded to the batch's largest count (``valid`` marks the real ones)."""
+    if select is None or not bool(select.any()):
+        return torch.zeros(batch, 1, dtype=torch.long, device=device), torch.zeros(
+            batch, 0, dtype=torch.bool, device=device
+        )
+    counts = select.sum(1)
+    width = int(counts.max())
+    # a stable sort puts each row's selected positions first, in ascending order
+    order = torch.sort((~select).to(torch.uint8), dim=1, stable=True).indices[:, :width]
+    cls = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    valid = torch.arange(width, device=device)[None] < counts[:, None]
+    return torch.cat([cls, order + n_prefix], dim=1), valid
 
 
 def build_vit(
