@@ -46,6 +46,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     from dinokit.config import make_config
     from dinokit.device import resolve_device
     from dinokit.runs import default_run_dir
+    from dinokit.train.dist import close_distributed
     from dinokit.train.loop import pretrain
 
     device = resolve_device(args.device)  # before any work: a clear error if the device is missing
@@ -56,6 +57,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     if args.resume:
         cfg = _resume_config(Path(args.out) if args.out else default_run_dir(cfg), overrides)
     result = pretrain(cfg, out_dir=args.out, resume=args.resume, device=device)
+    close_distributed()  # under torchrun (after an error, torchrun stops the other processes)
     print(f"run directory: {result.run_dir} ({result.status})")
     return 0 if result.status in ("finished", "interrupted") else 1
 

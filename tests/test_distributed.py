@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 
 from dinokit.config import make_config
 from dinokit.runs import load_checkpoint
+from dinokit.train.dist import close_distributed
 
 
 def _free_port() -> int:
@@ -48,7 +49,7 @@ def _worker(
 
     cfg = make_config("ci", {**_overrides(tmp), "optim.batch_size": 16 // world, **extra})
     result = pretrain(cfg, out_dir=out, resume=resume, on_step=signal_rank0 if stop_at else None)
-    torch.distributed.destroy_process_group()
+    close_distributed()
     Path(out, f"status_rank{rank}.txt").write_text(f"{result.status} {result.iteration}")
 
 

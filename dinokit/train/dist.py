@@ -37,6 +37,14 @@ def init_distributed(device: torch.device) -> DistInfo:
     return DistInfo(rank, world, local_rank, device)
 
 
+def close_distributed() -> None:
+    """Leave the process group together: a barrier first, so no process tears down its
+    connections while another still uses them (gloo then aborts at exit)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
