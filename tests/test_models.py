@@ -98,20 +98,32 @@ def test_selected_queries_order_and_padding() -> None:
     assert queries[:, 0].tolist() == [0, 0, 0]
     assert queries[0, 1:].tolist() == [3, 5] and queries[2, 1].item() == 2
     assert valid.tolist() == [[True, True], [False, False], [True, False]]
-    none, empty = selected_queries(None, 3, 2, torch.device("cpu"))
-    assert none.tolist() == [[0], [0], [0]] and empty.shape == (3, 0)
+    for nothing in (None, torch.zeros(3, 4, dtype=torch.bool)):  # e.g. no crop masked in this batch
+        cls_only, empty = selected_queries(nothing, 3, 2, torch.device("cpu"))
+        assert cls_only.tolist() == [[0], [0], [0]] and empty.shape == (3, 0)
 
 
 @pytest.mark.parametrize(
-    "drop_path, efficient, checkpointing",
-    [(0.0, True, False), (0.5, True, False), (0.5, False, False), (0.0, True, True)],
+    "drop_path, efficient, checkpointing, backend",
+    [
+        (0.0, True, False, "sdpa"),
+        (0.5, True, False, "sdpa"),
+        (0.5, False, False, "sdpa"),
+        (0.5, True, True, "sdpa"),
+        (0.0, True, False, "naive"),
+        (0.0, True, False, "sdpa-math"),
+    ],
 )
-def test_forward_selected_equals_full_forward(drop_path: float, efficient: bool, checkpointing: bool) -> None:
+def test_forward_selected_equals_full_forward(
+    drop_path: float, efficient: bool, checkpointing: bool, backend: str
+) -> None:
     """The training forward computes the last block only for CLS and the selected patches: the same
     values and gradients as the full forward, with and without stochastic depth (same draws)."""
     torch.manual_seed(0)
     kwargs = {"drop_path": drop_path, "efficient_drop_path": efficient, "layerscale": 1e-1, "n_registers": 1}
-    model = build_vit("vit_pico", img_size=32, patch_size=8, grad_checkpointing=checkpointing, **kwargs).train()
+    model = build_vit(
+        "vit_pico", img_size=32, patch_size=8, grad_checkpointing=checkpointing, attention=backend, **kwargs
+    ).train()
     x = torch.randn(6, 3, 32, 32)
     masks = torch.rand(6, 16) < 0.3
     masks[1] = False  # an image without masked patches
@@ -138,6 +150,29 @@ def test_forward_selected_equals_full_forward(drop_path: float, efficient: bool,
     torch.manual_seed(1)
     cls_only = model.forward_selected(x, masks)
     assert cls_only["patch"].shape == (0, 48) and torch.allclose(cls_only["cls"], cls_full, atol=1e-5)
+
+
+def test_student_and_teacher_outputs_are_those_of_the_full_forward() -> None:
+    """SSLModel reads the selected forward: its outputs equal heads applied to the full forward's
+    CLS and masked patches, for the student (masked input) and the teacher (unmasked input)."""
+    from dinokit.config import make_config
+    from dinokit.models.ssl import build_ssl_model
+
+    torch.manual_seed(0)
+    cfg = make_config("ci", {"model.drop_path": 0.0})
+    model = build_ssl_model(cfg.model, 32).eval()
+    globals_, locals_ = torch.randn(4, 3, 32, 32), torch.randn(8, 3, 16, 16)
+    masks = torch.rand(4, 16) < 0.4
+    for mask_input in (True, False):
+        out = model(globals_, locals_ if mask_input else None, masks, mask_input=mask_input)
+        full = model.backbone.forward_features(globals_, masks if mask_input else None)
+        assert torch.allclose(out["cls"], full["cls"], atol=1e-5)
+        assert torch.allclose(out["dino_global"], model.dino_head(full["cls"]), atol=1e-5)
+        head = model.ibot_head or model.dino_head
+        assert torch.allclose(out["ibot"], head(full["patch"][masks]), atol=1e-5)
+        if mask_input:
+            local_cls = model.backbone.forward_features(locals_)["cls"]
+            assert torch.allclose(out["dino_local"], model.dino_head(local_cls), atol=1e-5)
 
 
 def test_dino_head_logits_are_cosines() -> None:

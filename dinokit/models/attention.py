@@ -67,7 +67,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, queries: torch.Tensor | None = None) -> torch.Tensor:
         """``queries`` (b, m) token indices: only those tokens attend (to all n), giving (b, m, c).
 
-        The training forward uses it in the last block, whose other outputs no loss reads.
+        The training forward uses it in the last block, whose other outputs no loss reads. Such a
+        call runs PyTorch's SDPA kernel even with ``flash-attn`` (its packed-QKV function needs the
+        same length for queries and keys).
         """
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)

@@ -235,7 +235,7 @@ def selected_queries(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token indices for :meth:`VisionTransformer.forward_selected`: CLS, then each image's selected
     patches in order, padded to the batch's largest count (``valid`` marks the real ones)."""
-    if select is None or not bool(select.any()):
+    if select is None:
         return torch.zeros(batch, 1, dtype=torch.long, device=device), torch.zeros(
             batch, 0, dtype=torch.bool, device=device
         )
