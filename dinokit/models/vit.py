@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from timm.layers import DropPath, LayerScale, Mlp, PatchEmbed, resample_abs_pos_embed
 from torch import nn
@@ -28,7 +30,10 @@ ARCHS = {
 
 
 def _drop_add_residual_subset(
-    x: torch.Tensor, branch, drop_rate: float, inputs: tuple[torch.Tensor, ...] | None = None
+    x: torch.Tensor,
+    branch: Callable[..., torch.Tensor],
+    drop_rate: float,
+    inputs: tuple[torch.Tensor, ...] | None = None,
 ) -> torch.Tensor:
     """Stochastic depth that skips the compute of dropped samples (DINOv2's efficient variant).
 
