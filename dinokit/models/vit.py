@@ -172,13 +172,18 @@ class VisionTransformer(nn.Module):
         tokens.append(x + pos[:, 1:])
         return torch.cat(tokens, dim=1)
 
+    def _run_block(self, block: Block, x: torch.Tensor, queries: torch.Tensor | None = None) -> torch.Tensor:
+        """One block; with activation checkpointing while training, only its input is kept and the
+        rest recomputed in the backward (~1/3 more compute, a fraction of the memory; what lets the
+        naive path fit)."""
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, x, queries, use_reentrant=False)
+        return block(x, queries)
+
     def forward_features(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         x = self.prepare_tokens(x, masks)
-        checkpointing = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            # Activation checkpointing: keep only each block's input, recompute the rest in the
-            # backward (~1/3 more compute, a fraction of the memory; what lets the naive path fit).
-            x = checkpoint(block, x, use_reentrant=False) if checkpointing else block(x)
+            x = self._run_block(block, x)
         out = self.norm(x)
         r = self.n_prefix_tokens
         return {"cls": out[:, 0], "reg": out[:, 1:r], "patch": out[:, r:], "prenorm": x}
@@ -195,13 +200,11 @@ class VisionTransformer(nn.Module):
         projection and MLP but one token on local crops and on DINO-only runs.
         """
         tokens = self.prepare_tokens(x, masks)
-        checkpointing = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         *body, last = self.blocks
         for block in body:
-            tokens = checkpoint(block, tokens, use_reentrant=False) if checkpointing else block(tokens)
+            tokens = self._run_block(block, tokens)
         queries, valid = selected_queries(select, tokens.shape[0], self.n_prefix_tokens, tokens.device)
-        out = checkpoint(last, tokens, queries, use_reentrant=False) if checkpointing else last(tokens, queries)
-        out = self.norm(out)
+        out = self.norm(self._run_block(last, tokens, queries))
         return {"cls": out[:, 0], "patch": out[:, 1:][valid]}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
