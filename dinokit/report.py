@@ -176,9 +176,9 @@ def _attention_section(r: Document, run_dir: Path) -> None:
         r.p(
             "Does the CLS attention find the figure? Jaccard index between the 60 %-mass attention mask of the last "
             f"block and the figure's true silhouette, on {jac['images']} held-out images at "
-            f"{jac.get('image_size', '?')} px, for the best head of each model (as DINO reports): pre-trained "
-            f"{jac['teacher']:.1f} % against "
-            f"random init {jac['random_init']:.1f} % ({ratio:.1f}x){extra}."
+            f"{jac.get('image_size', '?')} px ({jac.get('geometry', 'centre-cropped')}), for the best head of each "
+            f"model (as DINO reports): pre-trained {jac['teacher']:.1f} % against "
+            f"random init {jac['random_init']:.1f} % ({ratio:.2f}x){extra}."
         )
         r.figure(jaccard_figure(jac), "attention_jaccard", "Jaccard of attention and figure across checkpoints")
     path = run_dir / "attention" / "maps.pt"

@@ -90,6 +90,12 @@ def eval_transform(size: int) -> v2.Compose:
     )
 
 
+def whole_image_transform(size: int) -> v2.Compose:
+    """Resize the whole image to ``size`` x ``size``, no crop: the geometry of DINO's attention maps
+    (``visualize_attention.py``, default ``image_size=(480, 480)``), so a map covers all of the image."""
+    return v2.Compose([v2.Resize((size, size), interpolation=v2.InterpolationMode.BICUBIC), _normalize()])
+
+
 def denormalize(x: torch.Tensor) -> torch.Tensor:
     """Undo the ImageNet normalisation, for drawing crops as the model sees them."""
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(-1, 1, 1)

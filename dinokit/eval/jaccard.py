@@ -3,7 +3,10 @@
 As DINO measures on PASCAL VOC (Caron et al. 2021, Fig. 4): keep the smallest set of patches
 holding 60 % of a head's CLS attention in the last block, upsample it to the image (nearest, patch
 by patch), and compare with the object's mask: J = |attention ∩ figure| / |attention ∪ figure|,
-averaged over images. DINO reports the best head of each model; so does ``best``, beside every
+averaged over images. The image is resized whole to a square, as DINO's ``visualize_attention.py``
+does, not centre-cropped as for the probes: a crop would drop the image's borders, which are
+background, and so score every model on a figure that fills more of what is left (random init's
+near-uniform masks gain most). DINO reports the best head of each model; so does ``best``, beside every
 head and the head average. The embedded dataset writes every figure's silhouette, so this runs on
 held-out images of the demo; real HAR has no masks and gets no score.
 """
@@ -32,10 +35,10 @@ def silhouettes_of(root: str | Path, records: Sequence[Record]) -> list[Path] | 
     return out if out and all(p.is_file() for p in out) else None
 
 
-def _mask_at(path: Path, size: int) -> torch.Tensor:
-    """The silhouette under the same resize + centre crop as the evaluation images, as booleans."""
-    geometry = v2.Compose([v2.Resize(int(round(size / 0.875))), v2.CenterCrop(size)])
-    return torch.from_numpy(np.asarray(geometry(Image.open(path).convert("L"))) > 127)
+def silhouette_at(path: Path, size: int) -> torch.Tensor:
+    """The silhouette resized as the image is (the whole of it, to ``size`` x ``size``), as booleans."""
+    resized = v2.Resize((size, size))(Image.open(path).convert("L"))
+    return torch.from_numpy(np.asarray(resized) > 127)
 
 
 def jaccard(attention_mask: torch.Tensor, figure: torch.Tensor) -> torch.Tensor:
@@ -67,7 +70,7 @@ def attention_jaccard(
                 images.append(fit_to_patches(load_rgb(rec.source), size, patch))
             except BadImage:
                 continue
-            masks.append(_mask_at(sil, size))
+            masks.append(silhouette_at(sil, size))
         if not images:
             continue
         maps = cls_attention(backbone.eval(), torch.stack(images))  # (B, H, gh, gw)

@@ -225,6 +225,7 @@ def _jaccard_suite(run_dir: Path, cfg, backbone, split: Split, silhouettes, metr
         "mass": 0.6,
         "images": len(split.val),
         "image_size": size,
+        "geometry": "whole image resized to a square (as DINO's visualize_attention.py), no centre crop",
         "teacher": teacher["best"],
         "random_init": random["best"],
         "detail": {"teacher": teacher, "random_init": random},

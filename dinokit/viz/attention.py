@@ -14,14 +14,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dinokit.data.crops import eval_transform
+from dinokit.data.crops import whole_image_transform
 from dinokit.models.vit import VisionTransformer
 
 
 def fit_to_patches(image: Image.Image, size: int, patch: int) -> torch.Tensor:
-    """Resize + centre-crop to ``size`` rounded down to a multiple of the patch size; normalised CHW."""
+    """The whole image resized to a square of ``size`` rounded down to a multiple of the patch size;
+    normalised CHW. DINO's geometry, not the evaluation's centre crop: a map (and its Jaccard
+    score) covers the whole image, borders included. Non-square images are squashed, as DINO's are."""
     size = max(patch, size - size % patch)
-    return eval_transform(size)(image)
+    return whole_image_transform(size)(image)
 
 
 @torch.no_grad()
