@@ -197,13 +197,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     # time budget, so the whole `make demo` fits a quarter of an hour on slow and fast machines
     # alike (README, "The cpu-demo preset, and how it was found"). Not more epochs on a fast
     # machine: in an 8-epoch run kNN gained < 1 point after epoch 4 while the attention drifted off
-    # the figure (Jaccard 50.6 % at epoch 2, 33.6 % at 4, 26.6 % at 8; random init 26.2 %). Small
-    # ViT (width 128, 4 blocks, patch 8 on 48 px crops, 256 prototypes); batch 32 for more updates
-    # per minute; a fixed lr of 5e-4 (DINOv2's sqrt rule is meant for long runs); a faster teacher
-    # (momentum 0.98 -> 1) and no frozen prototypes, since the whole run is a few epochs; teacher
-    # temperature 0.04 throughout (no time for a warm-up); 6 local crops (the attention finds the
-    # figure better than with 4); crops augmented on the device (1.8x the per-image pipeline here);
-    # attention maps drawn at 96 px (12 x 12 patches). fp32, not auto: at width 128 bf16 autocast's
+    # the figure (Jaccard on the whole image 42.4 % at epoch 2, 36.9 % at 4, 30.0 % at 8 in a run
+    # with 4 local crops; random init 20.3 %). Small ViT (width 128, 4 blocks, patch 8 on 48 px
+    # crops, 256 prototypes); batch 32 for more updates per minute; a fixed lr of 5e-4 (DINOv2's
+    # sqrt rule is meant for long runs); a faster teacher (momentum 0.98 -> 1) and no frozen
+    # prototypes, since the whole run is a few epochs; teacher temperature 0.04 throughout (no time
+    # for a warm-up); 6 local crops (the attention finds the figure better than with 4); crops
+    # augmented on the device (1.8x the per-image pipeline here); attention maps drawn at 96 px
+    # (12 x 12 patches, the whole image). fp32, not auto: at width 128 bf16 autocast's
     # casts cost more than its matmuls save (0.73x fp32 on an AVX512-BF16 Xeon,
     # benchmarks/step_throughput.py).
     "cpu-demo": {

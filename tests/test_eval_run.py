@@ -39,6 +39,32 @@ def test_eval_writes_metrics_and_baselines(trained: Path, capsys) -> None:
     assert preds and set(preds[0]) == {"filename", "label"} and preds[0]["label"] in metrics["classes"]
     out = capsys.readouterr().out
     assert "random init" in out and "raw pixels" in out and "chance" in out
+    # the embedded dataset has silhouettes: the attention is scored on the whole image
+    jac = metrics["attention_jaccard"]
+    assert jac["geometry"].startswith("whole image") and jac["images"] == len(rows_val(trained))
+    assert 0 <= jac["teacher"] <= 100 and 0 <= jac["random_init"] <= 100
+
+
+def rows_val(run_dir: Path) -> list[dict]:
+    return list(csv.DictReader((run_dir / "eval" / "val_predictions.csv").open()))
+
+
+def test_jaccard_script_rescores_without_touching_the_eval(trained: Path, monkeypatch, capsys) -> None:
+    import runpy
+    import sys
+
+    if not (trained / "eval" / "metrics.json").is_file():
+        evaluate_run(trained, baselines=False)
+    before = (trained / "eval" / "metrics.json").read_bytes()
+    monkeypatch.setattr(sys, "argv", ["jaccard_of_run.py", str(trained)])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "jaccard_of_run.py"), run_name="__main__")
+    assert done.value.code == 0
+    out = json.loads(capsys.readouterr().out)
+    scored = json.loads(before)["attention_jaccard"]
+    assert out["teacher"]["best"] == pytest.approx(scored["teacher"], abs=0.05)  # same numbers, rounded
+    assert out["random_init"]["best"] == pytest.approx(scored["random_init"], abs=0.05)
+    assert (trained / "eval" / "metrics.json").read_bytes() == before
 
 
 def test_eval_errors_name_the_fix(trained: Path, tmp_path: Path) -> None:
