@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from dinokit import runs
+from dinokit.data.har import DatasetError
 from dinokit.data.source import prepare_split, resolve_data_root
 from dinokit.eval.baselines import random_init_backbone
 from dinokit.eval.jaccard import attention_jaccard, silhouettes_of
@@ -26,9 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--size", type=int, help="attention image size (default: the run's crops.attention_size)")
     args = parser.parse_args(argv)
-    cfg = runs.run_config(args.run_dir)
-    split = prepare_split(cfg, progress=False)
-    runs.check_data(args.run_dir, split.sha256, resolve_data_root(cfg))
+    try:
+        cfg = runs.run_config(args.run_dir)
+        split = prepare_split(cfg, progress=False)
+        runs.check_data(args.run_dir, split.sha256, resolve_data_root(cfg))
+    except (FileNotFoundError, runs.RunError, DatasetError) as err:  # no run there, or not its data
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     silhouettes = silhouettes_of(resolve_data_root(cfg), split.val)
     if silhouettes is None:
         print(f"{args.run_dir}: its dataset has no silhouettes (only the embedded one does)", file=sys.stderr)

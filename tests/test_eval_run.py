@@ -65,6 +65,10 @@ def test_jaccard_script_rescores_without_touching_the_eval(trained: Path, monkey
     assert out["teacher"]["best"] == pytest.approx(scored["teacher"], abs=0.06)  # same numbers, rounded
     assert out["random_init"]["best"] == pytest.approx(scored["random_init"], abs=0.06)
     assert (trained / "eval" / "metrics.json").read_bytes() == before
+    monkeypatch.setattr(sys, "argv", ["jaccard_of_run.py", str(trained / "nowhere")])
+    with pytest.raises(SystemExit) as done:  # a message, not a traceback
+        runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "jaccard_of_run.py"), run_name="__main__")
+    assert done.value.code == 2 and "not a run directory" in capsys.readouterr().err
 
 
 def test_eval_errors_name_the_fix(trained: Path, tmp_path: Path) -> None:
