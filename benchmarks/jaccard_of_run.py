@@ -1,9 +1,10 @@
 """Re-score a run's attention against the silhouettes without touching its ``eval/metrics.json``.
 
-Prints the Jaccard (%) of the 60 %-mass CLS attention for the final teacher, random init and every
-snapshot, best head and head mean, on the held-out images of an embedded-dataset run. For runs
-evaluated before a change to the protocol (e.g. the centre crop dropped in favour of DINO's whole
-image), and for comparing attention sizes: ``--size 128``.
+Prints what ``dinokit eval`` stores as ``attention_jaccard`` (the Jaccard, in %, of the 60 %-mass
+CLS attention for the final teacher, random init, the supervised reference if trained, and every
+snapshot), plus the teacher's ratio to random init, on the held-out images of an embedded-dataset
+run. For runs evaluated before a change to the protocol (e.g. the centre crop dropped in favour of
+DINO's whole image), and for comparing attention sizes: ``--size 128``.
 
     python benchmarks/jaccard_of_run.py runs/cpu-demo-embedded [--size 96]
 """
@@ -18,8 +19,8 @@ from pathlib import Path
 from dinokit import runs
 from dinokit.data.har import DatasetError
 from dinokit.data.source import prepare_split, resolve_data_root
-from dinokit.eval.baselines import random_init_backbone
-from dinokit.eval.jaccard import attention_jaccard, silhouettes_of
+from dinokit.eval.jaccard import silhouettes_of
+from dinokit.eval.run_eval import jaccard_suite
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,20 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     if silhouettes is None:
         print(f"{args.run_dir}: its dataset has no silhouettes (only the embedded one does)", file=sys.stderr)
         return 2
-    size = args.size or cfg.crops.attention_image_size
-
-    def score(model) -> dict:
-        out = attention_jaccard(model, split.val, silhouettes, size)
-        return {"best": round(out["best"], 1), "head_mean": round(out["head_mean"], 1)}
-
-    result = {"image_size": size, "images": len(split.val), "teacher": score(runs.load_backbone(args.run_dir))}
-    result["random_init"] = score(random_init_backbone(cfg))
-    container = random_init_backbone(cfg)
-    result["snapshots"] = {}
-    for path in sorted((args.run_dir / runs.SNAPSHOTS).glob("teacher_*.pt")):
-        container.load_state_dict(runs.load_checkpoint(path))
-        result["snapshots"][str(int(path.stem.split("_")[1]))] = score(container)
-    result["ratio_best"] = round(result["teacher"]["best"] / max(result["random_init"]["best"], 1e-9), 3)
+    backbone = runs.load_backbone(args.run_dir)
+    result = jaccard_suite(args.run_dir, cfg, backbone, split, silhouettes, size=args.size)
+    result["ratio"] = result["teacher"] / max(result["random_init"], 1e-9)
     print(json.dumps(result, indent=1))
     return 0
 

@@ -62,8 +62,10 @@ def test_jaccard_script_rescores_without_touching_the_eval(trained: Path, monkey
     assert done.value.code == 0
     out = json.loads(capsys.readouterr().out)
     scored = json.loads(before)["attention_jaccard"]
-    assert out["teacher"]["best"] == pytest.approx(scored["teacher"], abs=0.06)  # same numbers, rounded
-    assert out["random_init"]["best"] == pytest.approx(scored["random_init"], abs=0.06)
+    assert out["teacher"] == pytest.approx(scored["teacher"])  # the same numbers as the eval's
+    assert out["random_init"] == pytest.approx(scored["random_init"])
+    assert out["snapshots"] == pytest.approx(scored["snapshots"])
+    assert out["ratio"] == pytest.approx(scored["teacher"] / scored["random_init"])
     assert (trained / "eval" / "metrics.json").read_bytes() == before
     monkeypatch.setattr(sys, "argv", ["jaccard_of_run.py", str(trained / "nowhere")])
     with pytest.raises(SystemExit) as done:  # a message, not a traceback

@@ -207,18 +207,27 @@ def evaluate_run(
         metrics["baselines"]["supervised"] = {**sup, **stats}
     silhouettes = silhouettes_of(resolve_data_root(cfg), split.val)
     if silhouettes is not None:
-        metrics["attention_jaccard"] = _jaccard_suite(run_dir, cfg, backbone, split, silhouettes, metrics)
+        with_supervised = "supervised" in metrics.get("baselines", {})
+        metrics["attention_jaccard"] = jaccard_suite(run_dir, cfg, backbone, split, silhouettes, with_supervised)
     metrics["feature_files"] = {k: v.name for k, v in feature_files.items()}  # in RUN_DIR/eval/
     metrics["seconds"] = time.perf_counter() - start
     _write_outputs(out_dir, metrics, probe, split, feats)
     return metrics
 
 
-def _jaccard_suite(run_dir: Path, cfg, backbone, split: Split, silhouettes, metrics: dict) -> dict:
+def jaccard_suite(
+    run_dir: Path,
+    cfg,
+    backbone,
+    split: Split,
+    silhouettes,
+    with_supervised: bool = True,
+    size: int | None = None,
+) -> dict:
     """Jaccard (%) of the 60 %-mass CLS attention against the figure, best head (as DINO) and head
-    average: the final teacher, random init, the supervised reference when trained, and every
-    snapshot (when does the figure emerge?)."""
-    size = cfg.crops.attention_image_size
+    average: the final teacher, random init, the supervised reference when asked for and trained,
+    and every snapshot (when does the figure emerge?). ``size`` defaults to the run's attention size."""
+    size = size or cfg.crops.attention_image_size
     score = lambda model: attention_jaccard(model, split.val, silhouettes, size)  # noqa: E731
     teacher, random = score(backbone), score(random_init_backbone(cfg))
     out = {
@@ -231,7 +240,7 @@ def _jaccard_suite(run_dir: Path, cfg, backbone, split: Split, silhouettes, metr
         "detail": {"teacher": teacher, "random_init": random},
     }
     supervised = sorted((run_dir / "eval").glob(f"supervised_backbone_{split.sha256[:12]}_*.pt"))
-    if "supervised" in metrics.get("baselines", {}) and supervised:
+    if with_supervised and supervised:
         model = random_init_backbone(cfg)
         model.load_state_dict(runs.load_checkpoint(supervised[-1])["backbone"])
         out["detail"]["supervised"] = score(model)
