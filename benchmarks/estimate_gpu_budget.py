@@ -20,7 +20,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dinokit.config import make_config
-from dinokit.data.masking import MaskPlan
+from dinokit.data.synthetic_batch import synthetic_batch
 from dinokit.losses.objective import DINOv2Objective
 from dinokit.models.ssl import build_ssl_model
 from dinokit.train.teacher import build_teacher
@@ -44,11 +44,9 @@ def _step(cfg, batch: int, checkpointing: bool) -> tuple[float, float]:
     student.backbone.grad_checkpointing = checkpointing
     teacher = build_teacher(student)
     objective = DINOv2Objective(cfg.loss, cfg.model.head_prototypes)
-    grid = (c.global_size // cfg.model.patch_size,) * 2
-    plan = MaskPlan.draw(0, 0, 2 * batch, cfg.masks.probability, (cfg.masks.ratio_min, cfg.masks.ratio_max))
-    masks = plan.masks(grid, torch.arange(2 * batch).numpy(), 0, 0)
-    globals_ = torch.randn(2 * batch, 3, c.global_size, c.global_size)
-    locals_ = torch.randn(c.n_local * batch, 3, c.local_size, c.local_size)
+    batch_ = synthetic_batch(cfg, batch)
+    globals_, locals_, masks = batch_["global"], batch_["local"], batch_["masks"]
+    order, rows = batch_["mask_order"], batch_["mask_rows"]
     saved: dict[int, int] = {}
     square: dict[int, int] = {}  # N x N attention probabilities (naive path)
 
@@ -62,10 +60,10 @@ def _step(cfg, batch: int, checkpointing: bool) -> tuple[float, float]:
     flops = FlopCounterMode(display=False)
     with flops, torch.autocast("cpu", dtype=torch.bfloat16):
         with torch.no_grad():
-            t_out = teacher(globals_, masks=masks, mask_input=False)
+            t_out = teacher(globals_, masks=masks, mask_input=False, order=order, rows=rows)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            s_out = student(globals_, locals_, masks)
-            loss, _ = objective(s_out, t_out, masks, 0.04)
+            s_out = student(globals_, locals_, masks, order=order, rows=rows)
+            loss, _ = objective(s_out, t_out, batch_["mask_weights"], 0.04)
         loss.backward()
     cuda_softmax_fp32 = 2 * sum(square.values())  # an fp32 copy beside each bf16 matrix on CUDA
     return flops.get_total_flops() / batch, (sum(saved.values()) + cuda_softmax_fp32) / batch

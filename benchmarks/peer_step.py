@@ -136,11 +136,11 @@ def measure_dinokit(full: bool, steps: int, threads: int, profile: bool = False)
     import torch
 
     from dinokit.config import make_config
-    from dinokit.data.masking import MaskPlan
+    from dinokit.data.synthetic_batch import synthetic_batch
     from dinokit.losses.objective import DINOv2Objective
     from dinokit.models.ssl import build_ssl_model
     from dinokit.precision import grad_scaler
-    from dinokit.train.param_groups import build_param_groups
+    from dinokit.train.optimizer import build_optimizer
     from dinokit.train.step import train_step
     from dinokit.train.teacher import build_teacher
 
@@ -158,15 +158,12 @@ def measure_dinokit(full: bool, steps: int, threads: int, profile: bool = False)
     student = build_ssl_model(cfg.model, s["global_px"])
     teacher = build_teacher(student)
     objective = DINOv2Objective(cfg.loss, cfg.model.head_prototypes)
-    groups = build_param_groups(student, s["depth"])
-    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups])
-    grid = (s["global_px"] // s["patch"],) * 2
-    n = 2 * BATCH
-    plan = MaskPlan.draw(0, 0, n, 0.5 if full else 0.0)
-    globals_, locals_ = _inputs()
-    batch = {"global": globals_, "local": locals_, "masks": plan.masks(grid, list(range(n)), 0, 0), "size": BATCH}
-    sched = {"lr": 1e-4, "wd": 0.04, "last_layer_lr": 1e-4, "momentum": 0.996, "teacher_temp": 0.04}
     cpu = torch.device("cpu")
+    optimizer = build_optimizer(student, cpu)
+    globals_, locals_ = _inputs()
+    cfg.masks.probability = 0.5 if full else 0.0
+    batch = {**synthetic_batch(cfg, BATCH), "global": globals_, "local": locals_}
+    sched = {"lr": 1e-4, "wd": 0.04, "last_layer_lr": 1e-4, "momentum": 0.996, "teacher_temp": 0.04}
     scaler = grad_scaler("fp32", cpu)
 
     def step() -> None:

@@ -36,6 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dinokit.config import make_config
+from dinokit.data.synthetic_batch import synthetic_batch
 from dinokit.device import device_kind, device_name, peak_memory_mb, resolve_device
 from dinokit.losses.objective import DINOv2Objective
 from dinokit.models.attention import BACKENDS, flash_attn_available
@@ -43,7 +44,7 @@ from dinokit.models.kernels import describe_attention, flash_attn_problem
 from dinokit.models.ssl import build_ssl_model
 from dinokit.models.vit import build_vit
 from dinokit.precision import choose_precision, grad_scaler
-from dinokit.train.param_groups import build_param_groups
+from dinokit.train.optimizer import build_optimizer
 from dinokit.train.step import train_step
 from dinokit.train.teacher import build_teacher
 
@@ -241,19 +242,10 @@ def _runner(case: BenchCase, mode: str, backend: str, device: torch.device) -> C
     student = build_ssl_model(cfg.model, case.img_size).to(device)
     teacher = build_teacher(student)
     objective = DINOv2Objective(cfg.loss, cfg.model.head_prototypes).to(device)
-    groups = build_param_groups(student, len(student.backbone.blocks))
-    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups])
+    optimizer = build_optimizer(student, device)
     scaler = grad_scaler(case.dtype, device)
-    n_patches = (case.img_size // case.patch) ** 2
-    masks = torch.zeros(2 * case.batch, n_patches, dtype=torch.bool)
-    masks[: case.batch, : n_patches // 3] = True  # half the global crops, a third of their patches
-    batch = {
-        "global": torch.randn(2 * case.batch, 3, case.img_size, case.img_size),
-        "masks": masks,
-        "size": case.batch,
-    }
-    if case.n_local:
-        batch["local"] = torch.randn(case.n_local * case.batch, 3, local, local)
+    # on the device once, as a loader's pinned batch would be: the step times the model, not copies
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in synthetic_batch(cfg, case.batch).items()}
     sched = {"lr": 1e-4, "wd": 0.04, "last_layer_lr": 1e-4, "momentum": 0.996, "teacher_temp": 0.04}
 
     def run() -> None:

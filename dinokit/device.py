@@ -137,3 +137,10 @@ def peak_memory_mb(device: torch.device | str) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the work queued on ``device``: a timing boundary. Nothing to wait for on a CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -97,24 +97,89 @@ def test_collapse_stats_tell_the_two_collapses_apart() -> None:
     assert h["entropy"] < 1e-5 and math.isclose(h["kl_uniform"], math.log(k) - math.log(6), rel_tol=1e-5)
 
 
+def _embed(rows: int, dim: int = 6) -> torch.Tensor:
+    return torch.nn.functional.normalize(torch.randn(rows, dim), dim=-1)
+
+
+def _pair(b: int = 4, n_local: int = 3, k: int = 16, m: int = 7, pad: int = 3) -> tuple[dict, dict, torch.Tensor]:
+    """Student / teacher outputs as SSLModel gives them: embeddings, prototypes, padded iBOT rows."""
+    w = torch.randn(k, 6)
+    student = {
+        "dino_global": _embed(2 * b).requires_grad_(), "dino_local": _embed(n_local * b).requires_grad_(),
+        "cls": torch.randn(2 * b, 8), "ibot": _embed(m + pad).requires_grad_(),
+        "dino_prototypes": w.clone().requires_grad_(), "ibot_prototypes": w.clone().requires_grad_(),
+    }  # fmt: skip
+    teacher = {"dino_global": _embed(2 * b), "ibot": _embed(m + pad), "dino_prototypes": w, "ibot_prototypes": w}
+    weights = torch.cat([torch.full((m,), 1 / m), torch.zeros(pad)])  # one masked crop, then padding rows
+    return student, teacher, weights
+
+
 def test_objective_sums_named_terms() -> None:
     torch.manual_seed(0)
-    cfg = LossConfig(koleo_weight=0.1, ibot_weight=1.0)
-    obj = DINOv2Objective(cfg, out_dim=16)
-    b = 4
-    masks = torch.zeros(2 * b, 9, dtype=torch.bool)
-    masks[0, :3] = True
-    student = {
-        "dino_global": torch.randn(2 * b, 16),
-        "dino_local": torch.randn(3 * b, 16),
-        "cls": torch.randn(2 * b, 8),
-        "ibot": torch.randn(3, 16),
-    }
-    teacher = {"dino_global": torch.randn(2 * b, 16), "ibot": torch.randn(3, 16)}
-    total, logs = obj(student, teacher, masks, teacher_temp=0.04)
-    expected = logs["loss_dino"] + logs["loss_ibot"] + 0.1 * logs["loss_koleo"]
-    assert math.isclose(float(total), expected, rel_tol=1e-5)
+    obj = DINOv2Objective(LossConfig(koleo_weight=0.1, ibot_weight=1.0), out_dim=16)
+    student, teacher, weights = _pair()
+    total, logs = obj(student, teacher, weights, teacher_temp=0.04)
+    expected = float(logs["loss_dino"] + logs["loss_ibot"] + 0.1 * logs["loss_koleo"])
+    assert math.isclose(float(total.detach()), expected, rel_tol=1e-5)
     assert {"teacher_entropy", "teacher_kl_uniform"} <= logs.keys()
+
+
+def test_objective_equals_the_losses_written_out_on_logits(monkeypatch) -> None:
+    """The chunked cross-entropies (gradients formed in the forward) give DINOLoss's and
+    IBOTPatchLoss's values and gradients, padding rows included; several chunks per loss."""
+    import dinokit.losses.prototype_ce as pce
+
+    monkeypatch.setattr(pce, "CHUNK_ELEMENTS", 40)  # 2 rows of K = 16 per chunk
+    torch.manual_seed(0)
+    cfg = LossConfig(koleo_weight=0.0)
+    student, teacher, weights = _pair()
+    total, logs = DINOv2Objective(cfg, out_dim=16)(student, teacher, weights, teacher_temp=0.04)
+    total.backward()
+    ref = {k: v.detach().clone().requires_grad_() if torch.is_tensor(v) else v for k, v in student.items()}
+    centre = Centering(16, cfg.center_momentum)
+    t_global = centre.targets(teacher["dino_global"] @ teacher["dino_prototypes"].t(), 0.04)
+    logits = {k: ref[k] @ ref[p].t() for k, p in (("dino_global", "dino_prototypes"), ("dino_local", "dino_prototypes"),
+                                                   ("ibot", "ibot_prototypes"))}  # fmt: skip
+    dino = DINOLoss(cfg.student_temp)(
+        list(logits["dino_global"].chunk(2)) + list(logits["dino_local"].chunk(3)), list(t_global.chunk(2))
+    )
+    t_patch = Centering(16).targets(teacher["ibot"][:7] @ teacher["ibot_prototypes"].t(), 0.04)
+    ibot = IBOTPatchLoss(cfg.student_temp)(logits["ibot"][:7], t_patch, weights[:7], n_crops=8)
+    (dino + ibot).backward()
+    assert math.isclose(float(logs["loss_dino"]), float(dino), rel_tol=1e-5)
+    assert math.isclose(float(logs["loss_ibot"]), float(ibot), rel_tol=1e-5)
+    for key in ("dino_global", "dino_local", "dino_prototypes", "ibot_prototypes"):
+        assert torch.allclose(student[key].grad, ref[key].grad, atol=1e-6), key
+    assert torch.allclose(student["ibot"].grad[:7], ref["ibot"].grad[:7], atol=1e-6)
+    assert not student["ibot"].grad[7:].any()  # padding rows learn nothing
+
+
+def test_chunked_targets_update_the_centre_as_the_whole_batch_would(monkeypatch) -> None:
+    import dinokit.losses.prototype_ce as pce
+
+    monkeypatch.setattr(pce, "CHUNK_ELEMENTS", 40)
+    torch.manual_seed(0)
+    _, teacher, weights = _pair()
+    obj = DINOv2Objective(LossConfig(), out_dim=16)
+    obj.ibot_center.center.normal_()
+    before = obj.ibot_center.center.clone()
+    targets = obj._targets(teacher["ibot"], teacher["ibot_prototypes"], 0.04, obj.ibot_center, weights > 0)
+    reference = Centering(16)
+    reference.center.copy_(before)
+    logits = teacher["ibot"][:7] @ teacher["ibot_prototypes"].t()
+    assert torch.allclose(targets[:7], reference.targets(logits, 0.04), atol=1e-6)
+    reference.update(logits)  # the real rows only: padding rows do not move the centre
+    assert torch.allclose(obj.ibot_center.center, reference.center, atol=1e-6)
+
+
+def test_sinkhorn_ignores_padding_rows() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(10, 8)
+    valid = torch.arange(10) < 6
+    padded = sinkhorn_knopp(logits.clone(), 0.1, valid=valid)
+    assert torch.allclose(padded[:6], sinkhorn_knopp(logits[:6], 0.1), atol=1e-6)
+    assert not padded[6:].any()
+    assert torch.isfinite(sinkhorn_knopp(logits, 0.1, valid=torch.zeros(10, dtype=torch.bool))).all()
 
 
 def test_sinkhorn_with_no_rows_returns_no_rows() -> None:

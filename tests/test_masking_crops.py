@@ -89,8 +89,8 @@ def test_dataset_collate_and_bad_images(tmp_path) -> None:
 
 def test_epoch_sampler_resume_and_ranks() -> None:
     full = list(EpochSampler(40, 8, 5, seed=3))
-    assert sorted(i for _, _, i in full) == list(range(40))
-    assert [(it, pos) for it, pos, _ in full[:9]] == [(0, p) for p in range(8)] + [(1, 0)]
+    assert sorted(i for _, _, i, _ in full) == list(range(40))
+    assert [(it, pos) for it, pos, _, _ in full[:9]] == [(0, p) for p in range(8)] + [(1, 0)]
     s = EpochSampler(40, 8, 5, seed=3)
     s.set_position(0, start_iter=2)
     assert list(s) == full[16:]
@@ -101,3 +101,42 @@ def test_epoch_sampler_resume_and_ranks() -> None:
     s.set_position(1)
     assert [k[0] for k in s][:1] == [5]  # epoch 1 starts at iteration 5
     assert [k[2] for k in s] != [k[2] for k in full]
+
+
+def test_one_pass_over_the_run_gives_the_epochs_batches() -> None:
+    """The loop's single sampler pass across epochs yields exactly the per-epoch sequences."""
+    per_epoch = []
+    for epoch in range(3):
+        s = EpochSampler(40, 8, 5, seed=3)
+        s.set_position(epoch)
+        per_epoch += list(s)
+    run = EpochSampler(40, 8, 5, seed=3)
+    run.set_range(0, 15)
+    assert list(run) == per_epoch and len(run) == 120
+    run.set_range(7, 15)  # a resume in the middle of epoch 1
+    assert list(run) == per_epoch[7 * 8 :]
+    assert {k[3] for k in run} == {1, 2}  # the epoch travels with the key
+
+
+def test_persistent_workers_see_each_epoch(tmp_path) -> None:
+    """Workers copy the dataset once; the epoch in each key, not the parent's state, seeds the crops."""
+    from torch.utils.data import DataLoader
+
+    from dinokit.train.setup import loader_options
+
+    paths = []
+    for i in range(8):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(path)
+        paths.append(Record(f"{i}", 0, str(path)))
+    outs = []
+    for workers in (0, 2):
+        sampler = EpochSampler(8, 4, 2, seed=1)
+        sampler.set_range(0, 6)  # three epochs in one pass
+        collate = MultiCropCollate((2, 2), MaskConfig(), seed=1, global_batch=4)
+        loader = DataLoader(MultiCropDataset(paths, MultiCrop(16, 8, 1), seed=1), batch_size=4, sampler=sampler,
+                            collate_fn=collate, **loader_options(workers, "cpu"))  # fmt: skip
+        outs.append([b["global"] for b in loader])
+    assert len(outs[0]) == 6
+    assert all(torch.equal(a, b) for a, b in zip(*outs, strict=True))
+    assert not torch.equal(outs[0][0], outs[0][2])  # epoch 1: a new permutation, new crops

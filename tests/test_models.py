@@ -1,10 +1,14 @@
+import sys
+import types
+
 import pytest
 import torch
 
+from dinokit.data.masking import mask_selection
 from dinokit.models.attention import BACKENDS, flash_attn_available, get_attention_backend
 from dinokit.models.heads import DINOHead
 from dinokit.models.pretrained import load_timm_vit_weights
-from dinokit.models.vit import build_vit, selected_queries
+from dinokit.models.vit import build_vit
 
 # SDPA has no memory-efficient kernel on the CPU; flash-attn needs its package and a GPU.
 CPU_BACKENDS = [b for b in BACKENDS if b not in ("flash-attn", "sdpa-efficient")]
@@ -56,6 +60,40 @@ def test_unknown_or_missing_backend_is_clear(vit) -> None:
             vit.set_attention_backend("flash-attn")
 
 
+def _stand_in_flash_attn_func(q, k, v, softmax_scale=None):
+    """The Dao-AILab signature and (b, s, h, d) layout, computed by SDPA: the package needs CUDA."""
+    out = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), scale=softmax_scale)
+    return out.transpose(1, 2)
+
+
+@pytest.mark.parametrize("version", ["flash-attn", "flash-attn-3"])
+def test_flash_attn_backend_matches_naive_with_a_stand_in_package(monkeypatch, version: str) -> None:
+    """Our side of the flash-attn backend: the packed call, the query subset of the training's last
+    block, and FlashAttention-3's (out, lse) return, against the explicit softmax."""
+    from dinokit.models import attention, kernels
+
+    fa2, fa3 = types.ModuleType("flash_attn"), types.ModuleType("flash_attn_interface")
+    fa2.flash_attn_func = _stand_in_flash_attn_func
+    fa2.flash_attn_qkvpacked_func = lambda qkv, softmax_scale: _stand_in_flash_attn_func(*qkv.unbind(2), softmax_scale)
+    fa3.flash_attn_func = lambda *args, **kwargs: (_stand_in_flash_attn_func(*args, **kwargs), None)
+    monkeypatch.setitem(sys.modules, "flash_attn", fa2)
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", fa3)
+    monkeypatch.setattr(kernels, "flash_attn_kernel_for", lambda device: version)
+    torch.manual_seed(0)
+    layer, x = attention.Attention(48, 3), torch.randn(2, 9, 48)
+    for queries in (None, torch.tensor([[0, 3, 5], [0, 1, 8]])):
+        results = []
+        for backend in ("naive", "flash-attn"):
+            layer.backend = backend
+            layer.zero_grad()
+            out = layer(x, queries)
+            out.square().sum().backward()
+            results.append((out.detach(), layer.qkv.weight.grad.clone()))
+        (ref, ref_grad), (out, grad) = results
+        assert out.shape == ref.shape == (2, 9 if queries is None else 3, 48)
+        assert torch.allclose(out, ref, atol=1e-5) and torch.allclose(grad, ref_grad, atol=1e-5)
+
+
 def test_attention_weights_via_naive_only_for_that_forward(vit) -> None:
     vit.set_attention_backend("sdpa")
     attn = vit.get_last_self_attention(torch.randn(2, 3, 32, 32))
@@ -91,16 +129,18 @@ def test_efficient_drop_path_matches_expectation() -> None:
     assert model.blocks[1].attn.qkv.weight.grad is not None
 
 
-def test_selected_queries_order_and_padding() -> None:
-    select = torch.tensor([[False, True, False, True], [False, False, False, False], [True, False, False, False]])
-    queries, valid = selected_queries(select, 3, n_prefix=2, device=torch.device("cpu"))
-    # CLS (index 0), then each image's selected patches (offset by the 2 prefix tokens), padded to 2
-    assert queries[:, 0].tolist() == [0, 0, 0]
-    assert queries[0, 1:].tolist() == [3, 5] and queries[2, 1].item() == 2
-    assert valid.tolist() == [[True, True], [False, False], [True, False]]
-    for nothing in (None, torch.zeros(3, 4, dtype=torch.bool)):  # e.g. no crop masked in this batch
-        cls_only, empty = selected_queries(nothing, 3, 2, torch.device("cpu"))
-        assert cls_only.tolist() == [[0], [0], [0]] and empty.shape == (3, 0)
+def test_mask_selection_order_rows_and_padding() -> None:
+    masks = torch.tensor([[False, True, False, True], [False, False, False, False], [True, False, False, False]])
+    sel = mask_selection(masks, width=3, n_rows=5)
+    # each crop's masked patches first, ascending, then the unmasked ones as padding, to width 3
+    assert sel["mask_order"].tolist() == [[1, 3, 0], [0, 1, 2], [0, 1, 2]]
+    # the real entries of mask_order.flatten(): crop 0's two, crop 2's one; then padding rows
+    assert sel["mask_rows"].tolist() == [0, 1, 6, 0, 0]
+    assert sel["mask_weights"].tolist() == [0.5, 0.5, 1.0, 0.0, 0.0]
+    tight = mask_selection(masks)  # default: this batch's own sizes
+    assert tight["mask_order"].shape == (3, 2) and tight["mask_rows"].tolist() == [0, 1, 4]
+    with pytest.raises(ValueError, match="static bound"):
+        mask_selection(masks, width=1, n_rows=5)
 
 
 @pytest.mark.parametrize(
@@ -128,11 +168,12 @@ def test_forward_selected_equals_full_forward(
     masks = torch.rand(6, 16) < 0.3
     masks[1] = False  # an image without masked patches
     results = []
+    sel = mask_selection(masks, width=10, n_rows=40)  # padded, as the collate's fixed shapes
     for selected in (False, True):
         torch.manual_seed(1)
         if selected:
-            out = model.forward_selected(x, masks, select=masks)
-            cls, patch = out["cls"], out["patch"]
+            out = model.forward_selected(x, masks, sel["mask_order"])
+            cls, patch = out["cls"], out["patch"].flatten(0, 1)[sel["mask_rows"][: int(masks.sum())]]
         else:
             out = model.forward_features(x, masks)
             cls, patch = out["cls"], out["patch"][masks]
@@ -149,7 +190,7 @@ def test_forward_selected_equals_full_forward(
     # CLS only (local crops, DINO-only runs): one query token in the last block
     torch.manual_seed(1)
     cls_only = model.forward_selected(x, masks)
-    assert cls_only["patch"].shape == (0, 48) and torch.allclose(cls_only["cls"], cls_full, atol=1e-5)
+    assert cls_only["patch"].shape == (6, 0, 48) and torch.allclose(cls_only["cls"], cls_full, atol=1e-5)
 
 
 def test_student_and_teacher_outputs_are_those_of_the_full_forward() -> None:
@@ -163,16 +204,21 @@ def test_student_and_teacher_outputs_are_those_of_the_full_forward() -> None:
     model = build_ssl_model(cfg.model, 32).eval()
     globals_, locals_ = torch.randn(4, 3, 32, 32), torch.randn(8, 3, 16, 16)
     masks = torch.rand(4, 16) < 0.4
+    sel = mask_selection(masks, width=12, n_rows=50)
+    real = int(masks.sum())
     for mask_input in (True, False):
-        out = model(globals_, locals_ if mask_input else None, masks, mask_input=mask_input)
+        out = model(globals_, locals_ if mask_input else None, masks, mask_input, sel["mask_order"], sel["mask_rows"])
         full = model.backbone.forward_features(globals_, masks if mask_input else None)
         assert torch.allclose(out["cls"], full["cls"], atol=1e-5)
-        assert torch.allclose(out["dino_global"], model.dino_head(full["cls"]), atol=1e-5)
+        logits = out["dino_global"] @ out["dino_prototypes"].t()
+        assert torch.allclose(logits, model.dino_head(full["cls"]), atol=1e-5)
         head = model.ibot_head or model.dino_head
-        assert torch.allclose(out["ibot"], head(full["patch"][masks]), atol=1e-5)
+        ibot = out["ibot"][:real] @ out["ibot_prototypes"].t()
+        assert out["ibot"].shape[0] == 50 and torch.allclose(ibot, head(full["patch"][masks]), atol=1e-5)
         if mask_input:
             local_cls = model.backbone.forward_features(locals_)["cls"]
-            assert torch.allclose(out["dino_local"], model.dino_head(local_cls), atol=1e-5)
+            local = out["dino_local"] @ out["dino_prototypes"].t()
+            assert torch.allclose(local, model.dino_head(local_cls), atol=1e-5)
 
 
 def test_dino_head_logits_are_cosines() -> None:

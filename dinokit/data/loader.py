@@ -20,7 +20,7 @@ from torch.utils.data import Dataset, Sampler
 from dinokit.config import MaskConfig
 from dinokit.data.har import Record
 from dinokit.data.images import BadImage, load_rgb
-from dinokit.data.masking import MaskPlan
+from dinokit.data.masking import MaskPlan, mask_selection
 
 
 def seed_of(*parts: int) -> int:
@@ -30,8 +30,9 @@ def seed_of(*parts: int) -> int:
 class MultiCropDataset(Dataset):
     """Sampler keys -> ``transform(image)`` + label; a bad image yields ``{"bad": (name, reason)}``.
 
-    A key is an index, or ``(iteration, position, index)`` from :class:`EpochSampler`; the
-    iteration and position travel on to the collate, which plans the iBOT masks.
+    A key is an index (seeded by :meth:`set_epoch`), or ``(iteration, position, index, epoch)``
+    from :class:`EpochSampler`; the iteration and position travel on to the collate, which plans
+    the iBOT masks.
     """
 
     def __init__(self, records: Sequence[Record], transform: Callable, seed: int = 0) -> None:
@@ -46,10 +47,13 @@ class MultiCropDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __getitem__(self, key: int | tuple[int, int, int]) -> dict:
-        iteration, position, index = key if isinstance(key, tuple) else (None, None, key)
+    def __getitem__(self, key: int | tuple[int, ...]) -> dict:
+        # The epoch comes with the key: persistent workers hold a copy of the dataset made once.
+        iteration, position, index, epoch = (
+            (*key, self.epoch)[:4] if isinstance(key, tuple) else (None, None, key, self.epoch)
+        )
         record = self.records[index]
-        sample_seed = seed_of(self.seed, self.epoch, index)
+        sample_seed = seed_of(self.seed, epoch, index)
         torch.manual_seed(sample_seed)
         random.seed(sample_seed)
         try:
@@ -92,13 +96,21 @@ class MultiCropCollate:
         )  # fmt: skip
         crops = np.array([v * self.global_batch + p for v in range(self.n_global) for p in positions])
         batch["masks"] = plan.masks(self.grid, crops, self.seed, iteration)
+        # bounds from the nominal batch (bad samples included): the same shapes every iteration
+        width, rows = MaskPlan.row_bound(
+            self.grid, self.n_global * self.global_batch, self.n_global * len(samples), self.cfg.probability,
+            (self.cfg.ratio_min, self.cfg.ratio_max),
+        )  # fmt: skip
+        batch.update(mask_selection(batch["masks"], width, rows))
         return batch
 
 
 class EpochSampler(Sampler[int]):
     """A seeded permutation per epoch, cut into global batches; this rank takes its slice of each.
 
-    ``start_iter`` skips the first batches of the epoch without loading them (resume).
+    It spans any range of iterations, across epochs (:meth:`set_range`): the training loop makes
+    one pass over the whole run, so persistent loader workers never stop at an epoch boundary.
+    A resumed run starts at its checkpoint's iteration without loading the batches before it.
     """
 
     def __init__(self, n: int, global_batch: int, iters: int, seed: int = 0, rank: int = 0, world: int = 1) -> None:
@@ -108,21 +120,28 @@ class EpochSampler(Sampler[int]):
             raise ValueError(f"{iters} iterations of {global_batch} need {iters * global_batch} images; have {n}")
         self.n, self.global_batch, self.iters = n, global_batch, iters
         self.seed, self.rank, self.world = seed, rank, world
-        self.epoch, self.start_iter = 0, 0
+        self.start, self.stop = 0, iters
+
+    def set_range(self, start: int, stop: int) -> None:
+        """Iterations ``start`` (inclusive) to ``stop`` (exclusive), counted from the run's first."""
+        self.start, self.stop = start, stop
 
     def set_position(self, epoch: int, start_iter: int = 0) -> None:
-        self.epoch, self.start_iter = epoch, start_iter
+        """The rest of one epoch, from its ``start_iter``-th batch."""
+        self.set_range(epoch * self.iters + start_iter, (epoch + 1) * self.iters)
 
-    def __iter__(self) -> Iterator[tuple[int, int, int]]:
-        """Keys ``(iteration, position in the global batch, index)``."""
-        perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+    def __iter__(self) -> Iterator[tuple[int, int, int, int]]:
+        """Keys ``(iteration, position in the global batch, index, epoch)``."""
         local = self.global_batch // self.world
         first = self.rank * local
-        for b in range(self.start_iter, self.iters):
+        perm, perm_epoch = None, -1
+        for iteration in range(self.start, self.stop):
+            epoch, b = divmod(iteration, self.iters)
+            if epoch != perm_epoch:
+                perm, perm_epoch = np.random.default_rng([self.seed, epoch]).permutation(self.n), epoch
             chunk = perm[b * self.global_batch : (b + 1) * self.global_batch]
-            iteration = self.epoch * self.iters + b
             for position in range(first, first + local):
-                yield iteration, position, int(chunk[position])
+                yield iteration, position, int(chunk[position]), epoch
 
     def __len__(self) -> int:
-        return (self.iters - self.start_iter) * (self.global_batch // self.world)
+        return max(0, self.stop - self.start) * (self.global_batch // self.world)

@@ -82,6 +82,25 @@ class MaskPlan:
         ratios[rng.permutation(n_crops)[:n_masked]] = rng.uniform(edges[:-1], edges[1:])
         return cls(ratios)
 
+    @staticmethod
+    def row_bound(
+        grid: tuple[int, int],
+        n_crops: int,
+        held: int,
+        probability: float = 0.5,
+        ratio: tuple[float, float] = (0.1, 0.5),
+    ) -> tuple[int, int]:
+        """Static upper bounds ``(width, rows)`` on the masked patches of one crop and of the ``held``
+        crops a process holds, whatever the draw: shapes that never change let the kernels, the
+        allocator and ``torch.compile`` reuse their work (as the official collate's ``upperbound``)."""
+        n_masked = int(probability * n_crops)
+        if n_masked == 0 or held == 0:
+            return 0, 0
+        n = grid[0] * grid[1]
+        edges = np.linspace(ratio[0], ratio[1], n_masked + 1)
+        per_crop = sorted((int(n * hi) for hi in edges[1:]), reverse=True)  # block_mask stays under int(n * r)
+        return per_crop[0], sum(per_crop[: min(held, n_masked)])
+
     def masks(self, grid: tuple[int, int], crops: np.ndarray, seed: int, iteration: int) -> torch.Tensor:
         """Boolean masks (len(crops), gh * gw) for the given crop numbers only."""
         n = grid[0] * grid[1]
@@ -101,3 +120,32 @@ def mask_weights(masks: torch.Tensor) -> torch.Tensor:
     """Per masked patch, 1 / (masked patches in its image): each image weighs the same in iBOT."""
     per_image = masks.sum(-1, keepdim=True).clamp(min=1).float()
     return (1.0 / per_image).expand_as(masks)[masks]
+
+
+def mask_selection(masks: torch.Tensor, width: int | None = None, n_rows: int | None = None) -> dict[str, torch.Tensor]:
+    """Where the masked patches are, as fixed-shape index tensors, built on the CPU by the collate.
+
+    * ``mask_order`` (B, width): each crop's masked patch indices first, ascending, then padding:
+      the queries of the last block (:meth:`VisionTransformer.forward_selected`);
+    * ``mask_rows`` (n_rows,): the real entries of ``mask_order.flatten()``, padded with 0;
+    * ``mask_weights`` (n_rows,): 1 / (masked patches of the row's crop), 0 on padding.
+
+    Defaults are the tight sizes of this batch; the collate passes :meth:`MaskPlan.row_bound`.
+    Nothing on the training device then waits for the host to count the masked patches.
+    """
+    counts = masks.sum(1)
+    most = int(counts.max()) if len(masks) else 0
+    width = most if width is None else width
+    order = torch.sort((~masks).to(torch.uint8), dim=1, stable=True).indices[:, :width]
+    valid = torch.arange(width)[None] < counts[:, None]
+    rows = valid.flatten().nonzero().squeeze(1)
+    weights = mask_weights(masks)
+    n_rows = len(rows) if n_rows is None else n_rows
+    if len(rows) > n_rows or most > width:
+        raise ValueError(f"{len(rows)} masked patches exceed the static bound of {n_rows} rows, {width} per crop")
+    pad = n_rows - len(rows)
+    return {
+        "mask_order": order,
+        "mask_rows": torch.cat([rows, rows.new_zeros(pad)]),
+        "mask_weights": torch.cat([weights, weights.new_zeros(pad)]),
+    }

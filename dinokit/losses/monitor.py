@@ -15,10 +15,12 @@ import torch
 
 
 @torch.no_grad()
-def collapse_stats(targets: torch.Tensor) -> dict[str, float]:
+def collapse_stats(targets: torch.Tensor) -> dict[str, torch.Tensor | float]:
+    """``entropy`` and ``kl_uniform`` as 0-dim tensors (read them with ``float``: the training loop
+    reads them only at log steps, so the device never waits for the host), ``log_k`` a float."""
     p = targets.float().clamp_min(1e-12)
     entropy = -(p * p.log()).sum(-1).mean()
     mean = p.mean(0)
     batch_entropy = -(mean * mean.log()).sum()
     log_k = math.log(p.shape[-1])
-    return {"entropy": float(entropy), "kl_uniform": float(log_k - batch_entropy), "log_k": log_k}
+    return {"entropy": entropy, "kl_uniform": log_k - batch_entropy, "log_k": log_k}

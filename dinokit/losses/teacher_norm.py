@@ -29,14 +29,23 @@ class Centering(nn.Module):
         return torch.softmax((teacher_logits.float() - self.center) / temperature, dim=-1)
 
     @torch.no_grad()
-    def update(self, teacher_logits: torch.Tensor) -> None:
-        """EMA of the mean logit over the global batch (all processes).
+    def update(self, teacher_logits: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """EMA of the mean logit over the global batch (all processes); ``valid`` (rows,) bool
+        leaves out padding rows (iBOT's fixed-size selection)."""
+        logits = teacher_logits.float()
+        if valid is None:
+            self.update_from_sum(logits.sum(dim=0, keepdim=True), logits.shape[0])
+        else:
+            self.update_from_sum((valid.float() @ logits)[None], valid.sum())
+
+    @torch.no_grad()
+    def update_from_sum(self, total: torch.Tensor, count: int | torch.Tensor) -> None:
+        """The EMA step from the sum (1, K) and the number of rows it covers.
 
         A batch with no rows (iBOT when no crop of the global batch drew a mask) leaves the centre
         as it is: 0/0 would make it NaN for good. Decided on the device, without a sync.
         """
-        total = teacher_logits.float().sum(dim=0, keepdim=True)
-        count = torch.tensor([teacher_logits.shape[0]], dtype=torch.float32, device=total.device)
+        count = total.new_full((1,), count) if isinstance(count, int) else count.float().reshape(1)
         if _dist_on():
             dist.all_reduce(total)
             dist.all_reduce(count)
@@ -45,8 +54,13 @@ class Centering(nn.Module):
 
 
 @torch.no_grad()
-def sinkhorn_knopp(teacher_logits: torch.Tensor, temperature: float, n_iters: int = 3) -> torch.Tensor:
-    """Targets whose columns (prototypes) share the global batch equally; rows sum to 1."""
+def sinkhorn_knopp(
+    teacher_logits: torch.Tensor, temperature: float, n_iters: int = 3, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Targets whose columns (prototypes) share the global batch equally; rows sum to 1.
+
+    ``valid`` (rows,) bool: padding rows take no share and come back as zeros.
+    """
     logits = teacher_logits.float()
     # A process may hold no rows (iBOT when none of its crops drew a mask): it still joins every
     # all-reduce, with neutral values, so the others do not wait for it forever.
@@ -54,21 +68,24 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, temperature: float, n_iters: in
     if _dist_on():
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     q = torch.exp((logits - peak) / temperature).t()  # (K, B); the shift cancels in the sweeps
-    b = torch.tensor(float(q.shape[1]), device=q.device)
+    if valid is not None:
+        q.mul_(valid.to(q.dtype))
+    b = valid.sum().float() if valid is not None else q.new_full((), float(q.shape[1]))
     if _dist_on():
         dist.all_reduce(b)
     k = q.shape[0]
     total = q.sum()
     if _dist_on():
         dist.all_reduce(total)
-    q /= total
+    tiny = torch.finfo(q.dtype).tiny  # sums of nothing (no valid row, padding columns) stay 0, not 0/0
+    q /= total.clamp_min(tiny)
     for _ in range(n_iters):
         rows = q.sum(dim=1, keepdim=True)
         if _dist_on():
             dist.all_reduce(rows)
-        q /= rows
+        q /= rows.clamp_min(tiny)
         q /= k
-        q /= q.sum(dim=0, keepdim=True)
-        q /= b
+        q /= q.sum(dim=0, keepdim=True).clamp_min(tiny)
+        q /= b.clamp_min(1)
     q *= b
     return q.t()

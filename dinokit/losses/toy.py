@@ -64,6 +64,6 @@ def toy_dino(
                 t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
         stats = collapse_stats(targets)
         history["loss"].append(float(loss.detach()))
-        history["entropy"].append(stats["entropy"])
-        history["kl_uniform"].append(stats["kl_uniform"])
+        history["entropy"].append(float(stats["entropy"]))
+        history["kl_uniform"].append(float(stats["kl_uniform"]))
     return history

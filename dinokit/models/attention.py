@@ -2,12 +2,14 @@
 
 * ``naive``: softmax(QK^T / sqrt(d)) V written out. It materialises the N x N matrix; it is
   "FlashAttention off" in the speed study and the only backend that can return the weights.
-* ``sdpa``: PyTorch's ``scaled_dot_product_attention`` restricted to the best IO-aware kernel the
-  device has for the input ("FlashAttention on"): FlashAttention-2 on sm80+ GPUs in fp16/bf16, the
-  memory-efficient kernel on other GPUs and in fp32, the tiled flash kernel on the CPU. The choice is
-  :func:`dinokit.models.kernels.choose_sdpa_kernel`.
+* ``sdpa``: "FlashAttention on": PyTorch's ``scaled_dot_product_attention`` restricted to the fused
+  exact kernels the device has, fastest first: cuDNN attention or FlashAttention-2 on sm80+ GPUs in
+  fp16/bf16 (whichever a one-time timing finds faster, for inference and for training separately),
+  the memory-efficient kernel on older GPUs and in fp32, the tiled flash kernel on the CPU. The
+  choice is :mod:`dinokit.models.kernels`.
 * ``sdpa-efficient`` / ``sdpa-math``: SDPA's other kernels, for reference in the speed study.
-* ``flash-attn``: the Dao-AILab package (CUDA sm80+, fp16/bf16), only when it is installed.
+* ``flash-attn``: the Dao-AILab package (CUDA sm80+, fp16/bf16), only when it is installed:
+  FlashAttention-3 on Hopper when ``flash_attn_interface`` is there, else FlashAttention-2.
 
 Parameter names follow timm (``qkv``, ``proj``) so timm and DINOv2 checkpoints load directly.
 """
@@ -15,31 +17,34 @@ Parameter names follow timm (``qkv``, ``proj``) so timm and DINOv2 checkpoints l
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from dinokit.models.kernels import KERNELS, sdpa_kernel_for
+from dinokit.device import DeviceKind, device_kind
+from dinokit.models import kernels
 
 BACKENDS = ("naive", "sdpa", "sdpa-efficient", "sdpa-math", "flash-attn")
 
 
+def flash_attn_problem_here() -> str | None:
+    """Why ``flash-attn`` cannot run on this machine's GPU (the CPU where there is none); None: it can."""
+    kind = device_kind("cuda") if torch.cuda.is_available() else DeviceKind("cpu")
+    return kernels.flash_attn_problem(kind)
+
+
 def flash_attn_available() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+    return flash_attn_problem_here() is None
 
 
 def check_backend(name: str) -> None:
     """Raise a clear error for an unknown or unavailable backend."""
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    if name == "flash-attn" and not flash_attn_available():
-        raise ValueError(
-            "attention backend 'flash-attn' needs a CUDA GPU and the flash-attn package "
-            "(pip install -r requirements-gpu.txt); use 'sdpa' for PyTorch's built-in flash kernel"
-        )
+    if name == "flash-attn" and (problem := flash_attn_problem_here()):
+        raise ValueError(problem)
 
 
 def _sdpa_context(backend: str, q: torch.Tensor) -> contextlib.AbstractContextManager:
@@ -47,7 +52,26 @@ def _sdpa_context(backend: str, q: torch.Tensor) -> contextlib.AbstractContextMa
         return sdpa_kernel([SDPBackend.MATH])
     if backend == "sdpa-efficient":
         return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION])
-    return sdpa_kernel([KERNELS[sdpa_kernel_for(q)]])
+    return kernels.sdpa_context(q)
+
+
+def flash_attn_package(qkv: torch.Tensor, queries: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """The Dao-AILab kernels on packed ``qkv`` (b, n, 3, h, d): (b, m, h, d) for the m ``queries`` (all n
+    if None). Both versions take fewer queries than keys, so the training's last block stays on them."""
+    kernel = kernels.flash_attn_kernel_for(qkv.device)
+    if kernel == "flash-attn" and queries is None:
+        from flash_attn import flash_attn_qkvpacked_func
+
+        return flash_attn_qkvpacked_func(qkv, softmax_scale=scale)  # backward writes one packed gradient
+    q, k, v = qkv.unbind(2)
+    if queries is not None:
+        q = q.gather(1, queries[:, :, None, None].expand(-1, -1, *q.shape[2:]))
+    if kernel == "flash-attn-3":
+        from flash_attn_interface import flash_attn_func
+    else:
+        from flash_attn import flash_attn_func
+    out = flash_attn_func(q, k, v, softmax_scale=scale)
+    return out[0] if isinstance(out, tuple) else out  # early FlashAttention-3 releases also return the LSE
 
 
 class Attention(nn.Module):
@@ -67,17 +91,14 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, queries: torch.Tensor | None = None) -> torch.Tensor:
         """``queries`` (b, m) token indices: only those tokens attend (to all n), giving (b, m, c).
 
-        The training forward uses it in the last block, whose other outputs no loss reads. Such a
-        call runs PyTorch's SDPA kernel even with ``flash-attn`` (its packed-QKV function needs the
-        same length for queries and keys).
+        The training forward uses it in the last block, whose other outputs no loss reads. Every
+        backend takes such a call (with ``sdpa``, a kernel that cannot hands it to the next in line).
         """
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
-        if self.backend == "flash-attn" and queries is None:
-            from flash_attn import flash_attn_qkvpacked_func
-
-            out = flash_attn_qkvpacked_func(qkv, softmax_scale=self.scale)  # (b, n, h, d)
-            return self.proj(out.reshape(b, n, c))
+        if self.backend == "flash-attn":
+            out = flash_attn_package(qkv, queries, self.scale)  # (b, m, h, d)
+            return self.proj(out.reshape(b, out.shape[1], c))
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (b, h, n, d)
         if queries is not None:
             index = queries[:, None, :, None].expand(-1, self.num_heads, -1, self.head_dim)

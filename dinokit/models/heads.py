@@ -48,8 +48,18 @@ class DINOHead(nn.Module):
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """MLP then L2 normalisation: the (M, bottleneck) fp32 rows the prototypes score.
+
+        The MLP runs in the autocast dtype (tensor cores); the normalised output is fp32.
+        """
+        return F.normalize(self.mlp(x).float(), dim=-1, p=2, eps=1e-12)
+
+    def prototypes(self) -> torch.Tensor:
+        """The (K, bottleneck) prototype matrix W = g * V / ||V|| (weight norm applied)."""
+        return self.last_layer.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.mlp(x)
-        eps = 1e-6 if x.dtype == torch.float16 else 1e-12
-        x = F.normalize(x, dim=-1, p=2, eps=eps)
-        return self.last_layer(x)
+        """Logits ``embed(x) W^T``. Training never forms them whole: the losses take
+        ``embed`` and ``prototypes`` (see :mod:`dinokit.losses.prototype_ce`)."""
+        return F.linear(self.embed(x), self.prototypes())

@@ -25,23 +25,26 @@ class SSLModel(nn.Module):
         local_crops: torch.Tensor | None = None,
         masks: torch.Tensor | None = None,
         mask_input: bool = True,
+        order: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Student: ``mask_input=True`` hides masked patches. Teacher: ``False``, sees them all.
 
-        Either way the iBOT head scores the tokens at the masked positions.
+        Either way the iBOT head embeds the tokens at the masked positions: ``order`` and ``rows``
+        from :func:`dinokit.data.masking.mask_selection`. Returns the heads' normalised embeddings
+        (``dino_global``, ``dino_local``, ``ibot``) and their prototype matrices; the losses form
+        the logits chunk by chunk (:mod:`dinokit.losses.prototype_ce`). The heads run in the
+        autocast dtype, as everything else; softmax and cross-entropy stay fp32 in the losses.
         """
-        # Only what the losses read leaves the last block: CLS, and the patches at masked positions.
-        g = self.backbone.forward_selected(global_crops, masks if mask_input else None, select=masks)
-        local_cls = self.backbone.forward_selected(local_crops)["cls"] if local_crops is not None else None
-        # Heads in fp32 even under autocast: their cosine logits are divided by temperatures
-        # as low as 0.04, and bf16 rounding (~0.4%) would swamp the differences between images.
-        with torch.autocast(global_crops.device.type, enabled=False):
-            out = {"cls": g["cls"], "dino_global": self.dino_head(g["cls"].float())}
-            if local_cls is not None:
-                out["dino_local"] = self.dino_head(local_cls.float())
-            if masks is not None:
-                head = self.ibot_head or self.dino_head
-                out["ibot"] = head(g["patch"].float())
+        g = self.backbone.forward_selected(global_crops, masks if mask_input else None, order)
+        out = {"cls": g["cls"], "dino_global": self.dino_head.embed(g["cls"])}
+        out["dino_prototypes"] = self.dino_head.prototypes()
+        if local_crops is not None:
+            out["dino_local"] = self.dino_head.embed(self.backbone.forward_selected(local_crops)["cls"])
+        if rows is not None:
+            head = self.ibot_head or self.dino_head
+            out["ibot"] = head.embed(g["patch"].flatten(0, 1)[rows])
+            out["ibot_prototypes"] = head.prototypes() if self.ibot_head is not None else out["dino_prototypes"]
         return out
 
 

@@ -189,23 +189,26 @@ class VisionTransformer(nn.Module):
         return {"cls": out[:, 0], "reg": out[:, 1:r], "patch": out[:, r:], "prenorm": x}
 
     def forward_selected(
-        self, x: torch.Tensor, masks: torch.Tensor | None = None, select: torch.Tensor | None = None
+        self, x: torch.Tensor, masks: torch.Tensor | None = None, order: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
-        """The training forward: ``{"cls": (b, d), "patch": (k, d)}``, the patch tokens where
-        ``select`` (b, gh*gw) is True, in the order of ``forward_features(x)["patch"][select]``.
+        """The training forward: ``{"cls": (b, d), "patch": (b, w, d)}``, the patch tokens at the
+        positions ``order`` (b, w) (from :func:`dinokit.data.masking.mask_selection`; none: w = 0).
 
         The losses read only these (CLS for DINO and KoLeo, masked patches for iBOT), so the
         last block computes its output for them alone; the other tokens are still its keys and
         values. The same numbers as the full forward, for fewer FLOPs: all of the last block's
-        projection and MLP but one token on local crops and on DINO-only runs.
+        projection and MLP but one token on local crops and on DINO-only runs. Shapes depend
+        only on ``order``'s, never on how many patches are masked: no host sync.
         """
         tokens = self.prepare_tokens(x, masks)
         *body, last = self.blocks
         for block in body:
             tokens = self._run_block(block, tokens)
-        queries, valid = selected_queries(select, tokens.shape[0], self.n_prefix_tokens, tokens.device)
+        queries = torch.zeros(tokens.shape[0], 1, dtype=torch.long, device=tokens.device)
+        if order is not None:
+            queries = torch.cat([queries, order + self.n_prefix_tokens], dim=1)
         out = self.norm(self._run_block(last, tokens, queries))
-        return {"cls": out[:, 0], "patch": out[:, 1:][valid]}
+        return {"cls": out[:, 0], "patch": out[:, 1:]}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)["cls"]
@@ -236,24 +239,6 @@ class VisionTransformer(nn.Module):
             return target.last_attention
         finally:
             target.backend, target.keep_attention, target.last_attention = saved, False, None
-
-
-def selected_queries(
-    select: torch.Tensor | None, batch: int, n_prefix: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token indices for :meth:`VisionTransformer.forward_selected`: CLS, then each image's selected
-    patches in order, padded to the batch's largest count (``valid`` marks the real ones)."""
-    if select is None:
-        return torch.zeros(batch, 1, dtype=torch.long, device=device), torch.zeros(
-            batch, 0, dtype=torch.bool, device=device
-        )
-    counts = select.sum(1)
-    width = int(counts.max())
-    # a stable sort puts each row's selected positions first, in ascending order
-    order = torch.sort((~select).to(torch.uint8), dim=1, stable=True).indices[:, :width]
-    cls = torch.zeros(batch, 1, dtype=torch.long, device=device)
-    valid = torch.arange(width, device=device)[None] < counts[:, None]
-    return torch.cat([cls, order + n_prefix], dim=1), valid
 
 
 def build_vit(

@@ -1,17 +1,16 @@
-"""``dinokit pretrain``: the set-up around :func:`dinokit.train.step.train_step`.
+"""``dinokit pretrain``: the set-up around :func:`dinokit.train.step.train_step`, and its loop.
 
-Data and split, model, optimizer, schedules, precision and attention kernel for the device,
-resume, checkpoints, logging, signals, the kNN monitor, and clear messages when a run diverges
-or runs out of memory. Read ``train_step`` first; this file is the plumbing around it.
+:func:`pretrain` is a list of calls: open the run, build data and parts
+(:mod:`dinokit.train.setup`), restore, fit the time budget, write the run record, then
+:func:`train_loop`, which reads like nanoGPT's: step, metrics, kNN when due, stop check, save
+when due. The services it calls live in :mod:`dinokit.train.services`. Read ``train_step`` first.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,32 +18,35 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from dinokit import runs
 from dinokit.config import Config
-from dinokit.data.batch_crops import BatchMultiCrop, DecodeToCanvas, canvas_size, choose_augment_on
-from dinokit.data.crops import MultiCrop
 from dinokit.data.images import ProblemLog
-from dinokit.data.loader import EpochSampler, MultiCropCollate, MultiCropDataset, seed_of
-from dinokit.data.source import data_tag, prepare_split, resolve_data_root
+from dinokit.data.loader import seed_of
+from dinokit.data.source import data_tag
 from dinokit.data.split import Split
-from dinokit.device import device_kind, device_name, peak_memory_mb, resolve_device
+from dinokit.device import device_kind, device_name, resolve_device, synchronize
 from dinokit.eval.features import extract_features
 from dinokit.eval.knn import knn_accuracy
 from dinokit.losses.objective import DINOv2Objective
 from dinokit.models.kernels import describe_attention, flash_attn_problem
-from dinokit.models.ssl import build_architecture, build_ssl_model
-from dinokit.precision import DTYPES, choose_precision, grad_scaler, precision_warning
-from dinokit.train.budget import calibrate
-from dinokit.train.checkpoint import rng_state, set_rng_state
+from dinokit.models.ssl import build_architecture
+from dinokit.precision import DTYPES, choose_precision, precision_warning
+from dinokit.train.budget import BudgetChoice, calibrate
+from dinokit.train.checkpoint import rng_state
 from dinokit.train.dist import DistInfo, any_rank, barrier, init_distributed
-from dinokit.train.fsdp import full_model_state, full_optimizer_state, load_full_state, shard
-from dinokit.train.param_groups import build_param_groups
+from dinokit.train.fsdp import full_model_state, full_optimizer_state
 from dinokit.train.schedules import Schedules, build_schedules
+from dinokit.train.services import (
+    Checkpointer,
+    MetricsLog,
+    StepHealth,
+    StopFlag,
+    setup_logging,
+    truncate_metrics,
+)  # fmt: skip
+from dinokit.train.setup import TrainData, TrainParts, build_data, build_parts, restore
 from dinokit.train.step import train_step
-from dinokit.train.teacher import build_teacher
 
 log = logging.getLogger("dinokit.train")
 
@@ -78,44 +80,6 @@ def knn_monitor(
     )  # fmt: skip
 
 
-def _setup_logging(run_dir: Path, is_main: bool) -> None:
-    logger = logging.getLogger("dinokit")
-    logger.setLevel(logging.INFO)
-    for handler in list(logger.handlers):
-        if getattr(handler, "_dinokit_run", False):
-            logger.removeHandler(handler)
-            handler.close()
-    if is_main:
-        handler = logging.FileHandler(run_dir / runs.LOG)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        handler._dinokit_run = True  # type: ignore[attr-defined]
-        logger.addHandler(handler)
-
-
-class _StopFlag:
-    """SIGINT / SIGTERM ask the loop to save and stop at the end of the current step."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, object] = {}
-
-    def __enter__(self) -> _StopFlag:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(ValueError):  # not the main thread: no signal handling
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
-        self.requested = True
-        log.warning("received signal %s: saving a checkpoint and stopping after this step", signum)
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 # Settings that change how a run computes, not what it learns: a resumed run may change them
 # (e.g. turn on activation checkpointing after running out of memory). Everything else is the run's.
 RESUMABLE_KEYS = (
@@ -134,6 +98,7 @@ def resume_config(run_dir: Path, current: Config) -> Config:
 
 
 def divergence_message(logs: dict, objective: DINOv2Objective, iteration: int, ckpt_path: Path) -> str:
+    """``logs``: the loss terms of the first non-finite step (:meth:`StepHealth.first_bad`)."""
     """Name what went non-finite first (a centre, or a loss term) and the advice that fits it."""
     keep = f"the last good checkpoint ({ckpt_path}) is kept"
     for name, centre in (("DINO centre", objective.dino_center), ("iBOT centre", objective.ibot_center)):
@@ -176,10 +141,39 @@ def pretrain(
     """Train (or resume) a run in ``out_dir`` (default ``runs/<preset>-<dataset>``).
 
     ``device``: auto (CUDA when present), cpu, cuda or cuda:N. ``on_step(iteration, logs)`` is
-    called after every step (tests use it to send signals).
+    called after every step (tests use it to send signals); ``logs`` values are device tensors
+    except at log steps.
     """
     device = resolve_device(device)
-    dist_info: DistInfo = init_distributed(device)
+    dist_info = init_distributed(device)
+    cfg, run_dir, precision = _open_run(cfg, out_dir, resume, device, dist_info)
+    data = build_data(cfg, dist_info, device)
+    if resume:
+        runs.check_data(run_dir, data.split.sha256, data.data_root)
+    parts = build_parts(cfg, device, precision, resume, dist_info.world)
+    start_iter = restore(parts, run_dir / runs.CHECKPOINT) if resume else 0
+    if resume:
+        log.info("resumed %s at iteration %d", run_dir, start_iter)
+    checkpointer = Checkpointer(run_dir / runs.CHECKPOINT, cfg.train.checkpoint_every,
+                                lambda it: _state(cfg, parts, data, it), dist_info.is_main)  # fmt: skip
+    total_iters = cfg.train.max_iters or cfg.optim.epochs * data.iters_per_epoch
+    budget = None
+    if cfg.train.time_budget_min > 0 and parts.sharded:
+        raise ValueError("train.time_budget_min cannot time an FSDP run; set optim.epochs instead")
+    if cfg.train.time_budget_min > 0 and not resume:
+        budget = _fit_time_budget(cfg, data, parts, checkpointer, device, precision, dist_info, run_dir)
+        total_iters = budget.iterations if not cfg.train.max_iters else min(cfg.train.max_iters, budget.iterations)
+        log.info(budget.why())
+    schedules = build_schedules(cfg, data.iters_per_epoch, total_iters, data.global_batch)
+    _write_run_record(cfg, data, parts, run_dir, precision, device, dist_info, total_iters, budget, resume, start_iter)
+    return train_loop(cfg, data, parts, schedules, checkpointer, run_dir, device, precision, dist_info,
+                      start_iter, total_iters, on_step)  # fmt: skip
+
+
+def _open_run(
+    cfg: Config, out_dir: str | Path | None, resume: bool, device: torch.device, dist_info: DistInfo
+) -> tuple[Config, Path, str]:
+    """The run folder (new, or the one to resume with its own config), its log, the precision."""
     run_dir = Path(out_dir) if out_dir else runs.default_run_dir(cfg)
     ckpt_path = run_dir / runs.CHECKPOINT
     if resume:
@@ -195,261 +189,162 @@ def pretrain(
     if cfg.model.attention == "flash-attn" and (problem := flash_attn_problem(kind)):
         raise ValueError(problem)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _setup_logging(run_dir, dist_info.is_main)
+    setup_logging(run_dir, dist_info.is_main)
     if warning := precision_warning(precision, kind):
         log.warning(warning)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     torch.manual_seed(cfg.train.seed)
+    return cfg, run_dir, precision
 
-    # ---- data: the fixed split; held-out images never reach pre-training
-    data_root = resolve_data_root(cfg)
-    split = prepare_split(cfg, progress=dist_info.is_main)
-    if resume:
-        runs.check_data(run_dir, split.sha256, data_root)
-    records = split.train + (split.unlabeled if cfg.data.use_unlabeled else [])
-    if cfg.data.max_images:
-        records = records[: cfg.data.max_images]
-    global_batch = cfg.optim.batch_size * dist_info.world
-    iters_per_epoch = cfg.train.iters_per_epoch or len(records) // global_batch
-    if iters_per_epoch < 1:
-        raise ValueError(f"{len(records)} images are fewer than one global batch of {global_batch}")
-    total_iters = cfg.train.max_iters or cfg.optim.epochs * iters_per_epoch
-    patch = cfg.model.patch_size
-    grid = (cfg.crops.global_size // patch, cfg.crops.global_size // patch)
-    c = cfg.crops
-    crop_args = (c.global_size, c.local_size, c.n_local, c.global_scale, c.local_scale, c.blur_p)
-    augment_on = choose_augment_on(cfg.data.augment_on, device.type)
-    if augment_on == "device":  # the loader only decodes; crops are cut per batch on the device
-        transform, batch_crops = DecodeToCanvas(canvas_size(c.global_size)), BatchMultiCrop(*crop_args).to(device)
-    else:
-        transform, batch_crops = MultiCrop(*crop_args), None
-    dataset = MultiCropDataset(records, transform, cfg.train.seed)
-    sampler = EpochSampler(len(records), global_batch, iters_per_epoch, cfg.train.seed, dist_info.rank, dist_info.world)
-    loader = DataLoader(
-        dataset,
-        batch_size=cfg.optim.batch_size,
-        sampler=sampler,
-        num_workers=cfg.data.num_workers,
-        collate_fn=MultiCropCollate(grid, cfg.masks, cfg.train.seed, global_batch),
-        pin_memory=device.type == "cuda",
-        persistent_workers=False,
-    )
 
-    # ---- model, teacher, objective, optimizer, schedules
-    # On resume the checkpoint supplies every weight: build the bare architecture (no download).
-    student = (build_architecture if resume else build_ssl_model)(cfg.model, cfg.crops.global_size).to(device)
-    student.backbone.grad_checkpointing = cfg.train.grad_checkpointing
-    teacher = build_teacher(student)
-    sharded = cfg.train.fsdp
-    if sharded:
-        if not dist.is_initialized():
-            raise ValueError("train.fsdp needs a distributed launch: torchrun --nproc_per_node=N -m dinokit pretrain …")
-        shard(student)
-        shard(teacher)
-    objective = DINOv2Objective(cfg.loss, cfg.model.head_prototypes).to(device)
-    depth = len(student.backbone.blocks)
-    groups = build_param_groups(student, depth, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult)
-    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], betas=(0.9, 0.999))
-    scaler = grad_scaler(precision, device)
+def _state(cfg: Config, parts: TrainParts, data: TrainData, iteration: int) -> dict:
+    """Everything a resume needs (a collective under FSDP: every rank calls it)."""
+    return {
+        "student": full_model_state(parts.student, parts.sharded),
+        "teacher": full_model_state(parts.teacher, parts.sharded),
+        "objective": parts.objective.state_dict(),
+        "optimizer": full_optimizer_state(parts.student, parts.optimizer, parts.sharded),
+        "scaler": parts.scaler.state_dict(),
+        "rng": rng_state(),
+        "iteration": iteration,
+        "epoch": iteration // data.iters_per_epoch,
+        "config": cfg.to_dict(),
+    }
 
-    start_iter = 0
-    if resume:
-        state = runs.load_checkpoint(ckpt_path)
-        load_full_state(student, state["student"], sharded, optimizer, state["optimizer"])
-        load_full_state(teacher, state["teacher"], sharded)
-        objective.load_state_dict(state["objective"])
-        scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-        start_iter = int(state["iteration"])
-        log.info("resumed %s at iteration %d of %d", run_dir, start_iter, total_iters)
 
-    model: nn.Module = student
-    if dist_info.world > 1 and not sharded:
-        model = nn.parallel.DistributedDataParallel(
-            student, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    if cfg.train.compile:
-        model = torch.compile(model)
+def _teacher_backbone_state(parts: TrainParts) -> dict[str, torch.Tensor]:
+    """Full teacher backbone weights (a collective under FSDP: every rank calls it)."""
+    full = full_model_state(parts.teacher, parts.sharded)
+    return {k.removeprefix("backbone."): v for k, v in full.items() if k.startswith("backbone.")}
 
-    def run_step(batch: dict, it: int, sched: dict[str, float]) -> tuple[torch.Tensor, dict]:
-        torch.manual_seed(seed_of(cfg.train.seed, it, dist_info.rank))  # crops on the device, drop path
-        if batch_crops is not None:
-            batch.update(batch_crops(batch["canvas"].to(device, non_blocking=True), batch["hw"]))
-        return train_step(
-            model, teacher, objective, optimizer, scaler, batch, sched, precision, device, cfg.optim.clip_grad
-        )
 
-    def teacher_backbone_state() -> dict[str, torch.Tensor]:
-        """Full teacher backbone weights (a collective under FSDP: every rank calls it)."""
-        full = full_model_state(teacher, sharded)
-        return {k.removeprefix("backbone."): v for k, v in full.items() if k.startswith("backbone.")}
+def _run_step(cfg, data, parts, batch, it, sched, precision, device, rank) -> tuple[torch.Tensor, dict]:
+    torch.manual_seed(seed_of(cfg.train.seed, it, rank))  # crops on the device, drop path
+    if data.batch_crops is not None:
+        batch.update(data.batch_crops(batch["canvas"].to(device, non_blocking=True), batch["hw"]))
+    return train_step(
+        parts.model, parts.teacher, parts.objective, parts.optimizer, parts.scaler, batch, sched, precision, device,
+        cfg.optim.clip_grad,
+    )  # fmt: skip
 
-    def save(iteration: int, path: Path = ckpt_path) -> None:
-        student_state = full_model_state(student, sharded)  # collective under FSDP
-        teacher_state = full_model_state(teacher, sharded)
-        optimizer_state = full_optimizer_state(student, optimizer, sharded)
-        if not dist_info.is_main:
-            return
-        runs.save_atomic(
-            {
-                "student": student_state,
-                "teacher": teacher_state,
-                "objective": objective.state_dict(),
-                "optimizer": optimizer_state,
-                "scaler": scaler.state_dict(),
-                "rng": rng_state(),
-                "iteration": iteration,
-                "epoch": iteration // iters_per_epoch,
-                "config": cfg.to_dict(),
-            },
-            path,
-        )
 
-    budget = None
-    if cfg.train.time_budget_min > 0 and sharded:
-        raise ValueError("train.time_budget_min cannot time an FSDP run; set optim.epochs instead")
-    if cfg.train.time_budget_min > 0 and not resume:
-        budget = _fit_time_budget(cfg, run_step, save, loader, sampler, dataset, objective, optimizer, scaler,
-                                  teacher, split, device, precision, iters_per_epoch, run_dir)  # fmt: skip
-        total_iters = budget.iterations if not cfg.train.max_iters else min(cfg.train.max_iters, budget.iterations)
-        log.info(budget.why())
-    schedules: Schedules = build_schedules(cfg, iters_per_epoch, total_iters, global_batch)
-
-    head_dim = student.backbone.embed_dim // student.backbone.num_heads
+def _write_run_record(cfg, data, parts, run_dir, precision, device, dist_info, total_iters, budget, resume, start):
+    """config.json, the split manifest and run_info.json: what any later reader needs to know."""
+    backbone = parts.student.backbone
+    head_dim = backbone.embed_dim // backbone.num_heads
     kernel = describe_attention(cfg.model.attention, device, DTYPES[precision], head_dim)
     if dist_info.is_main:
         cfg.save(run_dir / runs.CONFIG)
-        split.write_manifest(run_dir / runs.SPLIT)
+        data.split.write_manifest(run_dir / runs.SPLIT)
         info = {
-            "preset": cfg.preset,
-            "split_sha256": split.sha256,
-            "data_root": str(data_root),
-            "dataset": data_tag(cfg),
-            "classes": split.classes,
-            "n_pretrain_images": len(records),
-            "iters_per_epoch": iters_per_epoch,
-            "total_iters": total_iters,
-            "global_batch": global_batch,
-            "precision": precision,
-            "attention": cfg.model.attention,
-            "attention_kernel": kernel,
-            "grad_checkpointing": cfg.train.grad_checkpointing,
-            "augment_on": augment_on,
-            "num_workers": cfg.data.num_workers,
-            "device": str(device),
-            "device_name": device_name(device),
-            "world_size": dist_info.world,
-            "torch": torch.__version__,
-        }
+            "preset": cfg.preset, "split_sha256": data.split.sha256, "data_root": str(data.data_root),
+            "dataset": data_tag(cfg), "classes": data.split.classes, "n_pretrain_images": len(data.records),
+            "iters_per_epoch": data.iters_per_epoch, "total_iters": total_iters, "global_batch": data.global_batch,
+            "precision": precision, "attention": cfg.model.attention, "attention_kernel": kernel,
+            "grad_checkpointing": cfg.train.grad_checkpointing, "augment_on": data.augment_on,
+            "num_workers": cfg.data.num_workers, "device": str(device), "device_name": device_name(device),
+            "world_size": dist_info.world, "torch": torch.__version__,
+        }  # fmt: skip
         if budget is not None:
             info["time_budget"] = budget.to_dict()
         if resume:  # what the run measured before this resume stays
             previous = runs.run_info(run_dir)
             info.update({k: previous[k] for k in ("time_budget", "train_seconds") if k in previous})
         (run_dir / runs.RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
-    metrics_path = run_dir / runs.METRICS
-    if dist_info.is_main:
-        _truncate_metrics(metrics_path, start_iter)
+        metrics_path = run_dir / runs.METRICS
+        truncate_metrics(metrics_path, start)
         if budget is not None and budget.knn is not None:  # the untrained teacher, measured while timing
             with metrics_path.open("a") as handle:
                 handle.write(json.dumps({"iteration": 0, "epoch": 0, **budget.knn}) + "\n")
     log.info(
         "pre-training %s: %d images, %d iterations (%d/epoch), global batch %d, %s on %s (%s), attention: %s, "
         "augmentation on the %s (%d loader workers)",
-        cfg.preset, len(records), total_iters, iters_per_epoch, global_batch, precision, device,
-        device_name(device), kernel, augment_on, cfg.data.num_workers,
+        cfg.preset, len(data.records), total_iters, data.iters_per_epoch, data.global_batch, precision, device,
+        device_name(device), kernel, data.augment_on, cfg.data.num_workers,
     )  # fmt: skip
 
-    problems = ProblemLog()
+
+def train_loop(
+    cfg: Config, data: TrainData, parts: TrainParts, schedules: Schedules, checkpointer: Checkpointer,
+    run_dir: Path, device: torch.device, precision: str, dist_info: DistInfo, start_iter: int, total_iters: int,
+    on_step=None,
+) -> RunResult:  # fmt: skip
+    """One pass over the run's iterations: step, metrics at log steps, kNN at epoch ends, stop, save."""
+    problems, health = ProblemLog(), StepHealth(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    status, it = "finished", start_iter
-    last_logs: dict[str, float] = {}
-    bar = tqdm(total=total_iters, initial=start_iter, desc="pre-training", disable=not dist_info.is_main)
-    loop_start = time.perf_counter()
-    window = {"start": time.perf_counter(), "images": 0, "wait": 0.0, "skipped": 0}
-    metrics_cm = metrics_path.open("a") if dist_info.is_main else contextlib.nullcontext()
-    with _StopFlag() as stop, metrics_cm as metrics_file:
-        while it < total_iters and status == "finished":
-            epoch = it // iters_per_epoch
-            sampler.set_position(epoch, it % iters_per_epoch)
-            dataset.set_epoch(epoch)
-            fetch_start = time.perf_counter()
-            for batch in loader:
-                window["wait"] += time.perf_counter() - fetch_start
-                for name, reason in batch["bad"]:
-                    problems.add(name, reason)
-                if batch["size"] == 0:
-                    it += 1
-                    fetch_start = time.perf_counter()
-                    continue
+    metrics = MetricsLog(run_dir / runs.METRICS, device, total_iters, start_iter, dist_info.is_main)
+    data.sampler.set_range(start_iter, total_iters)
+    status, it, ipe, loop_start = "finished", start_iter, data.iters_per_epoch, time.perf_counter()
+    fetch_start = time.perf_counter()
+    with StopFlag() as stop:
+        for batch in data.loader if start_iter < total_iters else ():
+            wait = time.perf_counter() - fetch_start
+            for name, reason in batch["bad"]:
+                problems.add(name, reason)
+            if batch["size"]:
                 try:
-                    loss, logs = run_step(batch, it, schedules.at(it))
+                    loss, logs = _run_step(cfg, data, parts, batch, it, schedules.at(it), precision, device,
+                                           dist_info.rank)  # fmt: skip
                 except torch.OutOfMemoryError:
-                    bar.close()
-                    raise TrainingOutOfMemory(oom_message(cfg, it, ckpt_path)) from None
-                if not torch.isfinite(loss):
-                    bar.close()
-                    raise TrainingDiverged(divergence_message(logs, objective, it, ckpt_path))
-                it += 1
-                window["images"] += batch["size"] * dist_info.world
-                window["skipped"] += int(logs.pop("amp_skipped", 0))
-                logs.update(schedules.at(it - 1))
-                logs.update({"iteration": it, "epoch": (it - 1) // iters_per_epoch})
-                if it % cfg.train.log_every == 0 or it == total_iters:
-                    elapsed = max(time.perf_counter() - window["start"], 1e-9)
-                    logs["images_per_s"] = window["images"] / elapsed
-                    logs["data_wait_share"] = window["wait"] / elapsed
-                    logs["peak_mem_mb"] = peak_memory_mb(device)
-                    if scaler.is_enabled():
-                        logs["amp_skipped_steps"] = window["skipped"]  # fp16 overflows in this window
-                    window = {"start": time.perf_counter(), "images": 0, "wait": 0.0, "skipped": 0}
-                    if dist_info.is_main:
-                        metrics_file.write(json.dumps(logs) + "\n")
-                        metrics_file.flush()
-                    bar.set_postfix(
-                        loss=f"{logs['loss_dino']:.3f}", lr=f"{logs['lr']:.1e}", m=f"{logs['momentum']:.4f}",
-                        img_s=f"{logs['images_per_s']:.0f}", wait=f"{logs['data_wait_share']:.0%}",
-                    )  # fmt: skip
-                bar.update()
-                last_logs = logs
-                if on_step is not None:
-                    on_step(it, logs)
-                end_of_epoch = it % iters_per_epoch == 0
-                epoch_done = it // iters_per_epoch
-                if end_of_epoch and (epoch_done % cfg.train.knn_every_epochs == 0 or it == total_iters):
-                    backbone_state = teacher_backbone_state() if sharded else teacher.backbone.state_dict()
-                    if dist_info.is_main:
-                        eval_backbone = teacher.backbone
-                        if sharded:  # a plain, unsharded copy for the single-process kNN
-                            eval_backbone = build_architecture(cfg.model, cfg.crops.global_size).backbone.to(device)
-                            eval_backbone.load_state_dict(backbone_state)
-                        acc = knn_monitor(eval_backbone, split, cfg, device, precision)
-                        record = {
-                            "iteration": it,
-                            "epoch": epoch_done,
-                            "knn_top1": acc["top1"],
-                            "knn_top5": acc["top5"],
-                        }
-                        metrics_file.write(json.dumps(record) + "\n")
-                        metrics_file.flush()
-                        runs.save_atomic(backbone_state, run_dir / runs.SNAPSHOTS / f"teacher_{it:07d}.pt")
-                        log.info("epoch %d: kNN top-1 %.2f%%, top-5 %.2f%%", epoch_done, acc["top1"], acc["top5"])
-                    barrier()
-                stopping = any_rank(stop.requested, device)
-                if it % cfg.train.checkpoint_every == 0 and it < total_iters and not stopping:
-                    save(it)
-                if stopping:
-                    status = "interrupted"
-                    break
-                if it >= total_iters:
-                    break
-                fetch_start = time.perf_counter()
-    bar.close()
+                    metrics.close()
+                    raise TrainingOutOfMemory(oom_message(cfg, it, checkpointer.path)) from None
+                health.observe(it, loss, logs)
+                metrics.count(batch["size"] * dist_info.world, wait, logs.pop("amp_skipped", 0.0))
+                logs.update({**schedules.at(it), "iteration": it + 1, "epoch": it // ipe})
+            it += 1
+            if on_step is not None and batch["size"]:
+                on_step(it, logs)
+            stopping = any_rank(stop.requested, device)
+            last = it >= total_iters or stopping
+            due_knn = it % ipe == 0 and ((it // ipe) % cfg.train.knn_every_epochs == 0 or it == total_iters)
+            saving = checkpointer.due(it, total_iters) and not stopping
+            log_step = it % cfg.train.log_every == 0 or it == total_iters
+            if log_step or last or due_knn or saving:  # nothing is read, shown or saved before this check
+                _stop_if_diverged(health, parts.objective, checkpointer.path, metrics)
+            if log_step and batch["size"]:
+                metrics.record(logs, parts.scaler.is_enabled())
+            metrics.bar.update()
+            if due_knn:
+                _knn_check(cfg, data, parts, metrics, run_dir, device, precision, dist_info, it)
+            if saving:
+                checkpointer.save(it)
+            if last:
+                status = "interrupted" if stopping and it < total_iters else "finished"
+                break
+            fetch_start = time.perf_counter()
+    metrics.close()
     problems.warn_once("pre-training")
-    save(it)
-    final_backbone = teacher_backbone_state()
+    checkpointer.save(it)
+    return _finish(parts, run_dir, status, it, metrics.last, dist_info, loop_start)
+
+
+def _stop_if_diverged(health: StepHealth, objective, ckpt_path: Path, metrics: MetricsLog) -> None:
+    if (bad := health.first_bad()) is not None:
+        metrics.close()
+        raise TrainingDiverged(divergence_message(bad[1], objective, bad[0], ckpt_path))
+
+
+def _knn_check(cfg, data, parts, metrics, run_dir, device, precision, dist_info, it) -> None:
+    """kNN of the teacher on the held-out split, logged, and the teacher snapshot kept."""
+    backbone_state = _teacher_backbone_state(parts) if parts.sharded else parts.teacher.backbone.state_dict()
+    if dist_info.is_main:
+        eval_backbone = parts.teacher.backbone
+        if parts.sharded:  # a plain, unsharded copy for the single-process kNN
+            eval_backbone = build_architecture(cfg.model, cfg.crops.global_size).backbone.to(device)
+            eval_backbone.load_state_dict(backbone_state)
+        acc = knn_monitor(eval_backbone, data.split, cfg, device, precision)
+        epoch = it // data.iters_per_epoch
+        metrics.write({"iteration": it, "epoch": epoch, "knn_top1": acc["top1"], "knn_top5": acc["top5"]})
+        runs.save_atomic(backbone_state, run_dir / runs.SNAPSHOTS / f"teacher_{it:07d}.pt")
+        log.info("epoch %d: kNN top-1 %.2f%%, top-5 %.2f%%", epoch, acc["top1"], acc["top5"])
+    barrier()
+
+
+def _finish(parts, run_dir, status, it, last_logs, dist_info, loop_start) -> RunResult:
+    """The final teacher backbone (a finished run), train_seconds summed over resumes."""
+    final_backbone = _teacher_backbone_state(parts)
     if dist_info.is_main:
         if status == "finished":
             runs.save_atomic(final_backbone, run_dir / runs.TEACHER)
@@ -462,41 +357,40 @@ def pretrain(
     return RunResult(run_dir, status, it, last_logs)
 
 
-def _fit_time_budget(
-    cfg, run_step, save, loader, sampler, dataset, objective, optimizer, scaler, teacher, split, device, precision,
-    iters_per_epoch, run_dir,
-):  # fmt: skip
+def _fit_time_budget(cfg, data, parts, checkpointer, device, precision, dist_info, run_dir) -> BudgetChoice:
     """Time real steps (at lr 0, so no weight moves) and one kNN check, choose the epochs that fit,
     then put back what the measurement touched: optimizer moments, centres, loss scale."""
-    saved = {"objective": objective.state_dict(), "scaler": scaler.state_dict()}
-    saved["objective"] = {k: v.clone() for k, v in saved["objective"].items()}
+    objective, scaler = parts.objective, parts.scaler
+    saved = {"objective": {k: v.clone() for k, v in objective.state_dict().items()}, "scaler": scaler.state_dict()}
     o, lo = cfg.optim, cfg.loss
     frozen = {"lr": 0.0, "wd": o.weight_decay, "momentum": o.momentum_teacher, "teacher_temp": lo.warmup_teacher_temp,
               "last_layer_lr": 0.0}  # fmt: skip
-    sampler.set_position(0, 0)
-    dataset.set_epoch(0)
     knn: dict = {}
-
     probe = run_dir / ".budget-probe.pt"
 
+    def step(batch: dict, i: int) -> None:
+        _run_step(cfg, data, parts, batch, i, frozen, precision, device, dist_info.rank)
+        synchronize(device)  # the step is done when the device is, not when its work is queued
+
     def knn_check() -> None:  # as in training: the check and its snapshot
-        acc = knn_monitor(teacher.backbone, split, cfg, device, precision)
+        acc = knn_monitor(parts.teacher.backbone, data.split, cfg, device, precision)
         knn.update({"knn_top1": acc["top1"], "knn_top5": acc["top5"]})
-        runs.save_atomic(teacher.backbone.state_dict(), probe)
+        runs.save_atomic(parts.teacher.backbone.state_dict(), probe)
 
     def save_check() -> None:
-        save(0, probe)
+        checkpointer.save(0, probe)
         probe.unlink(missing_ok=True)
 
-    def batches():  # the first batches of epoch 0, again if an epoch is shorter than the measurement
+    def batches():  # the first batches of the run, again if the run is shorter than the measurement
         while True:
-            yield from (b for b in loader if b["size"])
+            data.sampler.set_range(0, data.iters_per_epoch)
+            yield from (b for b in data.loader if b["size"])
 
     choice = calibrate(
-        cfg.train.time_budget_min, batches(), lambda b, i: run_step(b, i, frozen), knn_check, save_check,
-        iters_per_epoch, cfg.train.knn_every_epochs, cfg.train.checkpoint_every, max_epochs=cfg.optim.epochs,
+        cfg.train.time_budget_min, batches(), step, knn_check, save_check,
+        data.iters_per_epoch, cfg.train.knn_every_epochs, cfg.train.checkpoint_every, max_epochs=cfg.optim.epochs,
     )  # fmt: skip
-    optimizer.state.clear()
+    parts.optimizer.state.clear()
     objective.load_state_dict(saved["objective"])
     scaler.load_state_dict(saved["scaler"])
     if dist.is_initialized():  # every process must train the same schedule: the slowest decides
@@ -507,17 +401,3 @@ def _fit_time_budget(
     cfg.optim.epochs = choice.epochs  # written to config.json: resume and reruns follow the same schedule
     cfg.train.time_budget_min = 0.0
     return choice
-
-
-def _truncate_metrics(path: Path, start_iter: int) -> None:
-    """On resume, drop log lines from iterations after the checkpoint (they will be redone)."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("iteration", 0) <= start_iter:
-                keep.append(line)
-        except json.JSONDecodeError:
-            continue
-    path.write_text("".join(f"{line}\n" for line in keep))
