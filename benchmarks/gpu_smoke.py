@@ -1,5 +1,7 @@
-"""The whole GPU path in one go: data, pre-training with FlashAttention on and off, evaluation,
-attention maps, a short speed sweep and the report, one line per step; non-zero exit on any failure.
+"""The whole GPU path in one go: data, pre-training with FlashAttention on and off, the 16 GB
+preset under a 16 GB cap, the step breakdown (FLOPs per image, MFU against the measured matmul
+rate, host syncs, saved bytes), evaluation, attention maps, a short speed sweep and the report,
+one line per step; non-zero exit on any failure.
 
 Run it the first time a GPU is at hand (about 5 minutes on one GPU):
 
@@ -12,6 +14,7 @@ It writes ``report/smoke/gpu-smoke-<device>.json`` (every line's numbers) next t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -29,17 +32,51 @@ import torch  # noqa: E402
 from dinokit.bench import BenchCase, run_bench  # noqa: E402
 from dinokit.config import make_config  # noqa: E402
 from dinokit.data.synth import ensure_embedded  # noqa: E402
-from dinokit.device import device_kind, device_name, resolve_device  # noqa: E402
+from dinokit.device import device_kind, device_name, resolve_device, synchronize  # noqa: E402
 from dinokit.eval.run_eval import evaluate_run  # noqa: E402
-from dinokit.precision import choose_precision  # noqa: E402
+from dinokit.precision import DTYPES, choose_precision  # noqa: E402
 from dinokit.report import build_report  # noqa: E402
 from dinokit.runs import read_metrics, run_info  # noqa: E402
 from dinokit.train.loop import TrainingOutOfMemory, pretrain  # noqa: E402
 from dinokit.viz.attention_run import compute_run_attention  # noqa: E402
 
 # Sizes: the assignment's recipe at full size, and a toy one that runs the same code in seconds.
-FULL = {"preset": "har-vits8", "per_class": 40, "px": 224, "iters": 40, "bench": ("vit_small", 8, 224, 64)}
-TINY = {"preset": "ci", "per_class": 8, "px": 32, "iters": 4, "bench": ("vit_pico", 8, 32, 4)}
+FULL = {"preset": "har-vits8", "per_class": 40, "px": 224, "iters": 40, "bench": ("vit_small", 8, 224, 64),
+        "small_gpu": "har-vits8-16gb"}  # fmt: skip
+TINY = {"preset": "ci", "per_class": 8, "px": 32, "iters": 4, "bench": ("vit_pico", 8, 32, 4), "small_gpu": "ci"}
+CAP_GB = 16  # a T4 / V100-16GB / P100: what the 16 GB preset must fit
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int = 8192, repeats: int = 20) -> float:
+    """The device's dense matmul rate as measured here: the denominator of MFU."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    synchronize(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e12
+
+
+def capped(device: torch.device, gb: float):
+    """Run as if the GPU had ``gb`` of memory (torch's per-process fraction); nothing on a CPU."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    total = torch.cuda.get_device_properties(device).total_memory
+    fraction = min(1.0, gb * 2**30 / total)
+
+    @contextlib.contextmanager
+    def cap():
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(fraction, device)
+        try:
+            yield
+        finally:
+            torch.cuda.set_per_process_memory_fraction(1.0, device)
+
+    return cap()
 
 
 def _train_line(run_dir: Path) -> dict:
@@ -136,6 +173,34 @@ def main() -> int:
     if "sdpa" in runs and "naive" in runs:
         a, b = (summary["steps"][f"pretrain_{k}"]["images_per_s"] for k in ("sdpa", "naive"))
         print(f"pretrain speed-up, FlashAttention on vs off: {a / b:.2f}x", flush=True)
+
+    def small_gpu() -> Path:
+        out = work / "run-16gb"
+        with capped(device, CAP_GB):
+            return pretrain(make_config(size["small_gpu"], base), out_dir=out, device=device).run_dir
+
+    run16 = step(f"pretrain_{size['small_gpu']}_capped_{CAP_GB}gb", small_gpu)
+    if run16 is not None:
+        line = _train_line(run16)
+        summary["steps"][f"pretrain_{size['small_gpu']}_capped_{CAP_GB}gb"].update(line)
+        print(_fmt(f"pretrain {size['small_gpu']} under a {CAP_GB} GB cap", line), flush=True)
+    precision = choose_precision("auto", device_kind(device))
+    peak = step("matmul_rate", lambda: matmul_tflops(device, DTYPES[precision], *((256, 3) if args.tiny else ())))
+    if peak:
+        summary["steps"]["matmul_rate"]["tflops"] = peak
+        print(f"matmul rate ({precision}): {peak:.1f} TFLOP/s measured", flush=True)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import step_breakdown  # noqa: E402
+
+    for backend in ("sdpa", "naive"):
+        bd_args = argparse.Namespace(
+            preset=size["preset"], tiny=args.tiny, batch=0, steps=2 if args.tiny else 10, warmup=1 if args.tiny else 3,
+            workers=0 if args.tiny else args.workers, compile=False, peak_tflops=peak or 0.0,
+        )  # fmt: skip
+        record = step(f"breakdown_{backend}", lambda b=backend, a=bd_args: step_breakdown.measure(a, b, device, data))
+        if record:
+            summary["steps"][f"breakdown_{backend}"].update(record)
+            print(step_breakdown.show(record), flush=True)
     run = runs.get("sdpa")
     if run is not None:
         metrics = step("eval", lambda: evaluate_run(run, probe_epochs=20, device=device))
@@ -152,12 +217,11 @@ def main() -> int:
         if maps:
             print(f"attention maps: {maps}", flush=True)
     arch, patch, px, batch = size["bench"]
-    dtype = choose_precision("auto", device_kind(device))
     bench_dir = args.out / "bench"
     records = step(
         "bench",
         lambda: run_bench(
-            [BenchCase(arch, patch, px, batch, dtype, modes=("inference", "backbone"))],
+            [BenchCase(arch, patch, px, batch, precision, modes=("inference", "backbone"))],
             device=device, warmup=2, repeats=3 if args.tiny else 5, progress=False, isolate=False,
         ),
     )  # fmt: skip

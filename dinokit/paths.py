@@ -23,6 +23,12 @@ def data_dir() -> Path:
     return _env_path("DINOKIT_DATA_DIR", repo_root() / "data")
 
 
+def cache_dir() -> Path:
+    """``DINOKIT_CACHE``, else ``data/cache``: things that are only ever re-computable (decoded eval
+    images), under the data folder so that a private ``DINOKIT_DATA_DIR`` gets a private cache too."""
+    return _env_path("DINOKIT_CACHE", data_dir() / "cache")
+
+
 def embedded_dataset_dir(per_class: int, size: int) -> Path:
     """One folder per size of the embedded dataset, so the ``ci`` and demo profiles coexist."""
     return data_dir() / f"embedded-har-{per_class}x{size}px"

@@ -23,6 +23,7 @@ from dinokit.data.loader import EpochSampler, MultiCropCollate, MultiCropDataset
 from dinokit.data.source import prepare_split, resolve_data_root
 from dinokit.data.split import Split
 from dinokit.losses.objective import DINOv2Objective
+from dinokit.models.compile import compile_blocks
 from dinokit.models.ssl import SSLModel, build_architecture, build_ssl_model
 from dinokit.precision import grad_scaler
 from dinokit.train.checkpoint import set_rng_state
@@ -118,8 +119,8 @@ def build_parts(cfg: Config, device: torch.device, precision: str, resume: bool,
     if world > 1 and not sharded:
         ids = [device.index] if device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(student, device_ids=ids)
-    if cfg.train.compile:
-        model = torch.compile(model)
+    if cfg.train.compile:  # per block, static shapes; eager after one warning where it fails
+        compile_blocks(student.backbone) and compile_blocks(teacher.backbone)
     return TrainParts(student, teacher, model, objective, optimizer, grad_scaler(precision, device), sharded)
 
 

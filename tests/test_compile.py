@@ -1,0 +1,63 @@
+"""``train.compile``: compiled blocks compute what eager blocks do, compile each shape once,
+and a platform where compiling fails trains eager after one warning."""
+
+import logging
+
+import torch
+
+from dinokit.data.masking import mask_selection
+from dinokit.models import compile as compile_mod
+from dinokit.models.vit import build_vit
+
+
+def _backbone() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_vit("vit_pico", img_size=32, patch_size=8, drop_path=0.0, layerscale=0.1).train()
+
+
+def _run(model, x, masks, order) -> tuple[torch.Tensor, dict]:
+    out = model.forward_selected(x, masks, order)
+    local = model.forward_selected(x[:, :, :16, :16])
+    loss = out["cls"].sin().sum() + out["patch"].cos().sum() + local["cls"].square().sum()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out["patch"].detach(), grads
+
+
+def test_compiled_blocks_equal_eager_and_compile_each_shape_once() -> None:
+    """Captured by Dynamo with AOT autograd (``aot_eager``: inductor's own code generation is what
+    ``test_torch_compile_option_trains`` runs end to end)."""
+    from torch._dynamo.utils import counters
+
+    eager, compiled = _backbone(), _backbone()
+    torch._dynamo.reset()
+    assert compile_mod.compile_blocks(compiled, backend="aot_eager")
+    x = torch.randn(4, 3, 32, 32)
+    masks = torch.rand(4, 16) < 0.3
+    order = mask_selection(masks, width=8, n_rows=40)["mask_order"]
+    ref_patch, ref_grads = _run(eager, x, masks, order)
+    patch, grads = _run(compiled, x, masks, order)
+    assert torch.allclose(patch, ref_patch, atol=1e-5)
+    for name, grad in ref_grads.items():
+        assert torch.allclose(grads[name], grad, atol=1e-5, rtol=1e-4), name
+    graphs = counters["stats"]["unique_graphs"]
+    for _ in range(2):  # another batch with another mask draw: the same shapes, no recompile
+        _run(compiled, torch.randn(4, 3, 32, 32), torch.rand(4, 16) < 0.3, order)
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_a_failing_compiler_leaves_eager_blocks_and_one_warning(monkeypatch, caplog) -> None:
+    model = _backbone()
+
+    def broken(block, dim):
+        raise RuntimeError("no C++ compiler found\ndetails")
+
+    monkeypatch.setattr(compile_mod, "_probe", broken)
+    with caplog.at_level(logging.WARNING):
+        assert not compile_mod.compile_blocks(model)
+    assert all(b._compiled_call_impl is None for b in model.blocks)
+    assert [r.getMessage() for r in caplog.records] == [
+        "train.compile: torch.compile failed here (no C++ compiler found); training runs eager"
+    ]
+    model.forward_selected(torch.randn(2, 3, 32, 32))  # runs eager
