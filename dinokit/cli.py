@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import sys
 import time
@@ -71,14 +72,32 @@ def _resume_config(run_dir: Path, overrides: list[str]):
         raise FileNotFoundError(f"--resume: {run_dir} holds no run (no config.json); start it without --resume")
     cfg = Config.load(run_dir / "config.json")
     for text in overrides:
-        key, _, value = text.partition("=")
-        if key.strip() not in RESUMABLE_KEYS:
+        key, _, value = (part.strip() for part in text.partition("="))
+        if key not in RESUMABLE_KEYS:
+            asked_cfg = copy.deepcopy(cfg)
+            apply_override(asked_cfg, key, value)
+            stored, asked = _setting(cfg, key), _setting(asked_cfg, key)
+            if _same_setting(key, stored, asked):
+                continue  # the original command again, with --resume: nothing changes
             raise ValueError(
-                f"{key.strip()} cannot change when resuming {run_dir} (it would make a different run); "
-                f"these can: {', '.join(RESUMABLE_KEYS)}. Start a new run with --out for other changes."
+                f"{key} cannot change when resuming {run_dir} (it would make a different run): the run has "
+                f"{stored!r}, this command asks for {asked!r}. These can change: {', '.join(RESUMABLE_KEYS)}. "
+                "Start a new run with --out for other changes."
             )
-        apply_override(cfg, key.strip(), value.strip())
+        apply_override(cfg, key, value)
     return cfg
+
+
+def _setting(cfg, key: str):
+    section, name = key.split(".", 1)
+    return getattr(getattr(cfg, section), name)
+
+
+def _same_setting(key: str, stored, asked) -> bool:
+    """Equal values, or the same folder written two ways (relative, absolute, a trailing slash)."""
+    if key == "data.root" and stored and asked:
+        return Path(stored).expanduser().resolve() == Path(asked).expanduser().resolve()
+    return stored == asked
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -112,6 +112,9 @@ class OptimConfig:
     layerwise_decay: float = 0.9
     patch_embed_lr_mult: float = 0.2
     freeze_last_layer_epochs: int = 1
+    # The recipe's length when a time budget trained fewer epochs (0: optim.epochs is the recipe).
+    # The warm-ups and the prototype freeze then keep their share of the run, not their length.
+    recipe_epochs: int = 0
 
 
 @dataclass

@@ -55,6 +55,8 @@ def test_a_budgeted_run_times_itself_and_records_the_choice(env: Path) -> None:
     assert budget["epochs"] == saved["optim"]["epochs"] >= 1 and saved["train"]["time_budget_min"] == 0.0
     assert result.iteration == info["total_iters"] == budget["iterations"]
     assert "fit" in budget["why"] and budget["step_s"] > 0 and info["train_seconds"] > 0
+    capped = budget["epochs"] < budget["max_epochs"]  # then the warm-ups keep their share of the recipe
+    assert saved["optim"]["recipe_epochs"] == (budget["max_epochs"] if capped else 0)
     knn = [m for m in read_metrics(tmp_path / "r") if "knn_top1" in m]
     assert knn[0]["iteration"] == 0  # the untrained teacher, measured while timing: the curve's start
     # a rerun of the saved config trains exactly the same schedule, without timing again

@@ -50,3 +50,18 @@ def test_bad_override_is_a_clear_error(capsys) -> None:
 def test_python_dash_m_entry_point() -> None:
     result = subprocess.run([sys.executable, "-m", "dinokit", "--help"], capture_output=True, text=True, check=True)
     assert "pretrain" in result.stdout and "data" in result.stdout
+
+
+def test_the_original_command_with_resume_continues_the_run(env, kaggle_root, capsys) -> None:
+    """A user's natural resume: the same command plus --resume. The run's own data (written the same
+    or another way) is no change; another folder is refused, naming both values."""
+    run = env / "r"
+    first = ["pretrain", "--preset", "ci", "--data", str(kaggle_root), "--out", str(run), "--set", "optim.batch_size=4"]
+    assert main([*first, "train.max_iters=2"]) == 0
+    assert main([*first, "--resume"]) == 0
+    same_folder = str(kaggle_root.parent / ".." / kaggle_root.parent.name / kaggle_root.name) + "/"
+    assert main([*first[:4], same_folder, *first[5:], "--resume"]) == 0
+    capsys.readouterr()
+    assert main([*first[:4], str(env), *first[5:], "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "data.root cannot change" in err and str(kaggle_root) in err and str(env) in err

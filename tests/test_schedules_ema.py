@@ -39,6 +39,24 @@ def test_built_schedules_freeze_last_layer_and_reach_targets() -> None:
     assert math.isclose(s.weight_decay[0], cfg.optim.weight_decay) and s.weight_decay[-1] > 0.39
 
 
+def test_a_run_capped_at_a_fifth_of_its_recipe_keeps_the_recipes_shape() -> None:
+    """har-vits8's recipe: 100 epochs, lr warm-up 10, teacher temperature warm-up 30, prototypes
+    frozen 1. A budget that trains 20 of them warms up over the same shares of its iterations."""
+    ipe, recipe, capped = 50, make_config("har-vits8"), make_config("har-vits8", {"optim.epochs": 20})
+    full = build_schedules(recipe, ipe, 100 * ipe, 64)
+    short = build_schedules(capped, ipe, 20 * ipe, 64)  # no recipe recorded: the old behaviour
+    assert short.lr.argmax() == 10 * ipe - 1 and short.teacher_temp.argmax() == 20 * ipe - 1  # half, all of it
+    capped.optim.recipe_epochs = 100  # what the time budget records when it cuts the run short
+    scaled = build_schedules(capped, ipe, 20 * ipe, 64)
+    for name in ("lr", "teacher_temp"):
+        peak_full = (getattr(full, name).argmax() + 1) / len(getattr(full, name))
+        peak_scaled = (getattr(scaled, name).argmax() + 1) / len(getattr(scaled, name))
+        assert math.isclose(peak_full, peak_scaled), name  # 10 % and 30 % of the run
+    assert math.isclose(scaled.teacher_temp[int(0.3 * 20 * ipe) - 1], capped.loss.teacher_temp)
+    assert (scaled.last_layer_lr[: ipe // 5] == 0).all() and scaled.last_layer_lr[ipe // 5] > 0
+    assert math.isclose(scaled.momentum[-1], full.momentum[-1], rel_tol=1e-6)  # cosines span the run
+
+
 def test_ema_update_by_hand() -> None:
     student = nn.Linear(2, 1)
     teacher = build_teacher(student)

@@ -39,7 +39,8 @@ class BudgetChoice:
         fit = (
             f"all {self.epochs} epochs of the recipe ({self.iterations} iterations) fit"
             if self.epochs >= self.max_epochs
-            else f"{self.epochs} of the recipe's {self.max_epochs} epochs ({self.iterations} iterations) fit"
+            else f"{self.epochs} of the recipe's {self.max_epochs} epochs ({self.iterations} iterations) fit; "
+            "the warm-ups and the prototype freeze keep their share of the run"
         )
         return (
             f"time budget {self.minutes:g} min: a step takes {self.step_s:.3f} s and a kNN check {self.knn_s:.1f} s "

@@ -398,6 +398,8 @@ def _fit_time_budget(cfg, data, parts, checkpointer, device, precision, dist_inf
         dist.all_reduce(epochs, op=dist.ReduceOp.MIN)
         choice.epochs = int(epochs.item())
     choice.knn = knn
+    if choice.epochs < cfg.optim.epochs:  # warm-ups keep their share of the recipe (schedules.recipe_share)
+        cfg.optim.recipe_epochs = cfg.optim.recipe_epochs or cfg.optim.epochs
     cfg.optim.epochs = choice.epochs  # written to config.json: resume and reruns follow the same schedule
     cfg.train.time_budget_min = 0.0
     return choice

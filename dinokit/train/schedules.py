@@ -63,11 +63,25 @@ class Schedules:
         }
 
 
+def recipe_share(cfg: Config) -> float:
+    """The trained share of the recipe: below 1 when a time budget cut ``optim.epochs`` short of
+    ``optim.recipe_epochs``. Warm-ups and the freeze are scaled by it, so a run capped at 20 % of
+    its recipe still warms up over the first 10 % of its iterations, not half of them; the
+    cosines span the run anyway."""
+    o = cfg.optim
+    return min(1.0, o.epochs / o.recipe_epochs) if o.recipe_epochs > 0 else 1.0
+
+
 def build_schedules(cfg: Config, iters_per_epoch: int, total_iters: int, global_batch: int) -> Schedules:
     o = cfg.optim
+    share = recipe_share(cfg)
+
+    def iters(epochs: float) -> int:
+        return round(epochs * iters_per_epoch * share)
+
     peak = scaled_lr(o.base_lr, global_batch, o.lr_scaling)
-    lr = cosine_schedule(peak, o.min_lr, total_iters, o.warmup_epochs * iters_per_epoch)
-    freeze = min(o.freeze_last_layer_epochs * iters_per_epoch, total_iters)
+    lr = cosine_schedule(peak, o.min_lr, total_iters, iters(o.warmup_epochs))
+    freeze = min(iters(o.freeze_last_layer_epochs), total_iters)
     last_layer_lr = lr.copy()
     last_layer_lr[:freeze] = 0.0
     return Schedules(
@@ -78,7 +92,7 @@ def build_schedules(cfg: Config, iters_per_epoch: int, total_iters: int, global_
             cfg.loss.warmup_teacher_temp,
             cfg.loss.teacher_temp,
             total_iters,
-            cfg.loss.warmup_teacher_temp_epochs * iters_per_epoch,
+            iters(cfg.loss.warmup_teacher_temp_epochs),
         ),
         last_layer_lr=last_layer_lr,
     )
