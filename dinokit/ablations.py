@@ -57,7 +57,7 @@ def reference_lines(preset: str, device: str = "auto") -> dict[str, float]:
     """kNN of a random network of the ablations' shape, and chance: the floor of the ablation plot."""
     from dinokit.data.source import prepare_split
     from dinokit.device import resolve_device
-    from dinokit.eval.baselines import random_init_backbone
+    from dinokit.models.ssl import random_init_backbone
     from dinokit.train.loop import knn_monitor
 
     cfg = make_config(preset, _embedded(preset, SHORT_RUN.get(preset, [])))

@@ -22,7 +22,6 @@ import dataclasses
 import gc
 import json
 import multiprocessing
-import resource
 import statistics
 import time
 from collections.abc import Callable, Iterable
@@ -179,7 +178,12 @@ def reset_peak_memory(device: torch.device) -> None:
 
 
 def _minor_faults() -> int:
-    """Pages the kernel had to map in (and zero) for this process so far: the CPU cost of fresh buffers."""
+    """Pages the kernel had to map in (and zero) for this process so far: the CPU cost of fresh buffers.
+    0 where there is no ``resource`` module (native Windows): the column then reads 0."""
+    try:
+        import resource
+    except ImportError:
+        return 0
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 

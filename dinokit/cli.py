@@ -172,6 +172,14 @@ def _cmd_video(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from dinokit.export import export_run
+
+    out = export_run(_default_run(args.run_dir), args.out)
+    print(f"wrote {out}/model.safetensors, timm_kwargs.json and MODEL_CARD.md (it shows the timm call)")
+    return 0
+
+
 def _device_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device", default="auto", metavar="auto|cpu|cuda|cuda:N", help="where to compute (auto: CUDA when present)"
@@ -265,6 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
     video.add_argument("run_dir", nargs="?", help="default: runs/$DINOKIT_PROFILE-<dataset>")
     video.add_argument("--out", help="default: report/demo.mp4")
     video.set_defaults(func=_cmd_video)
+
+    export = sub.add_parser("export", help="the run's teacher as timm-loadable safetensors, with a model card")
+    export.add_argument("run_dir", nargs="?", help="default: runs/$DINOKIT_PROFILE-<dataset>")
+    export.add_argument("--out", help="default: RUN/export/")
+    export.set_defaults(func=_cmd_export)
 
     demo = sub.add_parser("demo", help="the whole story on the embedded dataset (resumable)")
     demo.add_argument("--preset", default="cpu-demo", choices=["default", *PRESETS])

@@ -134,8 +134,10 @@ def peak_memory_mb(device: torch.device | str) -> float:
                 return int(line.split()[1]) / 1024  # kB
     except OSError:
         pass
-    import resource
-
+    try:
+        import resource
+    except ImportError:  # native Windows: no resource module, and no /proc
+        return 0.0
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 

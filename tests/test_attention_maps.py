@@ -2,8 +2,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dinokit.models.cls_attention import cls_attention, mass_mask
 from dinokit.models.vit import build_vit
-from dinokit.viz.attention import attention_for_records, cls_attention, head_overlay, mass_mask
+from dinokit.viz.attention import attention_for_records, head_overlay
 
 
 def test_mass_mask_by_hand() -> None:

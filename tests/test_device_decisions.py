@@ -1,5 +1,7 @@
 """Device decisions as table tests over the GPUs students get: kernel, precision, flash-attn, device."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -211,3 +213,27 @@ def test_the_kernel_follows_whether_a_backward_will_run(monkeypatch: pytest.Monk
     monkeypatch.setattr(kernels, "_ranked", lambda device, dtype, head_dim, grad: ("flash",) if grad else ("math",))
     q = torch.randn(1, 2, 5, 16)
     assert kernels.sdpa_kernel_for(q) == "math" and kernels.sdpa_kernel_for(q.requires_grad_()) == "flash"
+
+
+def test_the_speed_study_imports_and_measures_without_resource(monkeypatch) -> None:
+    """Native Windows has no ``resource`` module: notebook 05 must still import dinokit.bench."""
+    import ast
+    import builtins
+
+    import dinokit.bench
+    import dinokit.device
+
+    for module in (dinokit.bench, dinokit.device):  # no module-level import of resource
+        tree = ast.parse(Path(module.__file__).read_text())
+        top = [n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)]
+        assert not any(a.name == "resource" for n in top for a in n.names), module.__name__
+    real = builtins.__import__
+
+    def no_resource(name, *args, **kwargs):
+        if name == "resource":
+            raise ImportError("No module named 'resource'")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_resource)
+    monkeypatch.setattr(dinokit.device.Path, "read_text", lambda self: (_ for _ in ()).throw(OSError()))
+    assert dinokit.bench._minor_faults() == 0 and dinokit.device.peak_memory_mb("cpu") == 0.0

@@ -144,3 +144,25 @@ def test_only_the_trainer_and_entry_points_import_dinokit_train() -> None:
             if any(n == "dinokit.train" or n.startswith("dinokit.train.") for n in names):
                 offenders.append(str(path.relative_to(root)))
     assert not offenders
+
+
+def _imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            names.add(node.module or "")
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+    return names
+
+
+def test_evaluation_and_figures_depend_only_downward() -> None:
+    """eval/ and viz/ share model functions (CLS attention, the random-init backbone) through
+    models/, never through each other: neither imports the other."""
+    root = Path(__file__).resolve().parent.parent / "dinokit"
+    for here, other in (("eval", "viz"), ("viz", "eval")):
+        offenders = [
+            str(p.relative_to(root)) for p in (root / here).rglob("*.py")
+            if any(n == f"dinokit.{other}" or n.startswith(f"dinokit.{other}.") for n in _imports(p))
+        ]  # fmt: skip
+        assert not offenders, f"{here}/ imports {other}/: {offenders}"

@@ -9,10 +9,9 @@ import torch
 from PIL import Image
 
 import dinokit.eval.jaccard as jac
-from dinokit.data.crops import denormalize
+from dinokit.data.crops import denormalize, fit_to_patches
 from dinokit.data.har import Record
 from dinokit.models.vit import build_vit
-from dinokit.viz.attention import fit_to_patches
 
 
 def test_jaccard_by_hand() -> None:

@@ -16,6 +16,7 @@ the released checkpoints were trained that way. The kit teaches the method as pu
 from __future__ import annotations
 
 import torch
+from PIL import Image
 from torchvision.transforms import v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -101,3 +102,11 @@ def denormalize(x: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(-1, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(-1, 1, 1)
     return (x * std + mean).clamp(0, 1)
+
+
+def fit_to_patches(image: Image.Image, size: int, patch: int) -> torch.Tensor:
+    """The whole image resized to a square of ``size`` rounded down to a multiple of the patch size;
+    normalised CHW. DINO's geometry, not the evaluation's centre crop: a map (and its Jaccard
+    score) covers the whole image, borders included. Non-square images are squashed, as DINO's are."""
+    size = max(patch, size - size % patch)
+    return whole_image_transform(size)(image)

@@ -22,11 +22,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import v2
 
+from dinokit.data.crops import fit_to_patches
 from dinokit.data.har import Record
 from dinokit.data.images import BadImage, load_rgb
 from dinokit.data.synth import silhouette_path
+from dinokit.models.cls_attention import cls_attention, mass_mask
 from dinokit.models.vit import VisionTransformer
-from dinokit.viz.attention import cls_attention, fit_to_patches, mass_mask
 
 
 def silhouettes_of(root: str | Path, records: Sequence[Record]) -> list[Path] | None:

@@ -25,13 +25,13 @@ from dinokit.data.images import load_rgb
 from dinokit.data.source import prepare_split, resolve_data_root
 from dinokit.data.split import Split
 from dinokit.device import device_kind, resolve_device
-from dinokit.eval.baselines import random_init_backbone
 from dinokit.eval.features import FEATURE_KINDS, extract_features
 from dinokit.eval.jaccard import attention_jaccard, silhouettes_of
 from dinokit.eval.knn import knn_accuracy
 from dinokit.eval.linear import linear_probe
 from dinokit.eval.supervised import train_supervised
 from dinokit.models.pretrained import load_timm_vit_weights, official_dinov2_state_dict
+from dinokit.models.ssl import random_init_backbone
 from dinokit.models.vit import VisionTransformer, build_vit
 from dinokit.precision import choose_precision
 

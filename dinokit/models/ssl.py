@@ -7,7 +7,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from dinokit.config import ModelConfig
+from dinokit.config import Config, ModelConfig
 from dinokit.models.heads import DINOHead
 from dinokit.models.vit import VisionTransformer, build_vit
 
@@ -83,3 +83,10 @@ def build_architecture(cfg: ModelConfig, img_size: int) -> SSLModel:
     """The same network with fresh random weights and no download, whatever ``cfg.init`` says:
     a container for loading a checkpoint, or the random-init baseline."""
     return build_ssl_model(dataclasses.replace(cfg, init="random"), img_size)
+
+
+def random_init_backbone(cfg: Config, seed: int | None = None) -> VisionTransformer:
+    """The run's architecture with fresh random weights (the run's own seed by default): the
+    baseline that tells whether pre-training helped, for evaluation and figures alike."""
+    torch.manual_seed(cfg.train.seed if seed is None else seed)
+    return build_architecture(cfg.model, cfg.crops.global_size).backbone.eval()

@@ -1,8 +1,7 @@
-"""Self-attention maps of the CLS token, as in DINO's ``visualize_attention.py``.
+"""Drawing self-attention maps of the CLS token, as in DINO's ``visualize_attention.py``.
 
-For the last block (or any block), the CLS query's attention over the patch tokens, per head
-(register tokens excluded), computed with the ``naive`` backend for that forward only. The
-"60 % mass" mask keeps the smallest set of patches that holds 60 % of a head's attention.
+The maps themselves come from :mod:`dinokit.models.cls_attention` (evaluation scores them too);
+this module colours, overlays and batches them for figures.
 """
 
 from __future__ import annotations
@@ -14,39 +13,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dinokit.data.crops import whole_image_transform
+from dinokit.data.crops import fit_to_patches
+from dinokit.models.cls_attention import cls_attention, mass_mask
 from dinokit.models.vit import VisionTransformer
-
-
-def fit_to_patches(image: Image.Image, size: int, patch: int) -> torch.Tensor:
-    """The whole image resized to a square of ``size`` rounded down to a multiple of the patch size;
-    normalised CHW. DINO's geometry, not the evaluation's centre crop: a map (and its Jaccard
-    score) covers the whole image, borders included. Non-square images are squashed, as DINO's are."""
-    size = max(patch, size - size % patch)
-    return whole_image_transform(size)(image)
-
-
-@torch.no_grad()
-def cls_attention(backbone: VisionTransformer, images: torch.Tensor, block: int = -1) -> torch.Tensor:
-    """(B, heads, gh, gw) on the CPU: attention of the CLS token to each patch, per head.
-
-    The forward runs on the backbone's device (the images are moved there).
-    """
-    device = next(backbone.parameters()).device
-    attn = backbone.get_last_self_attention(images.to(device), block=block)  # (B, H, N, N)
-    r = backbone.n_prefix_tokens
-    gh, gw = images.shape[-2] // backbone.patch_size, images.shape[-1] // backbone.patch_size
-    return attn[:, :, 0, r:].float().cpu().reshape(images.shape[0], -1, gh, gw)
-
-
-def mass_mask(maps: torch.Tensor, mass: float = 0.6) -> torch.Tensor:
-    """Boolean masks keeping the smallest set of patches that holds ``mass`` of each map's total."""
-    flat = maps.flatten(-2)
-    flat = flat / flat.sum(-1, keepdim=True)
-    values, order = flat.sort(dim=-1, descending=True)
-    keep_sorted = values.cumsum(-1) - values < mass  # include the patch that crosses the threshold
-    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
-    return keep.reshape(maps.shape)
 
 
 def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -7,7 +7,8 @@ from collections.abc import Mapping
 
 import matplotlib.pyplot as plt
 
-from dinokit.viz.attention import head_overlay, mass_mask
+from dinokit.models.cls_attention import mass_mask
+from dinokit.viz.attention import head_overlay
 
 
 def attention_figure(data: dict, n: int = 6):
