@@ -284,15 +284,15 @@ def train_loop(
             for name, reason in batch["bad"]:
                 problems.add(name, reason)
             if batch["size"]:
+                sched = schedules.at(it)
                 try:
-                    loss, logs = _run_step(cfg, data, parts, batch, it, schedules.at(it), precision, device,
-                                           dist_info.rank)  # fmt: skip
+                    loss, logs = _run_step(cfg, data, parts, batch, it, sched, precision, device, dist_info.rank)
                 except torch.OutOfMemoryError:
                     metrics.close()
                     raise TrainingOutOfMemory(oom_message(cfg, it, checkpointer.path)) from None
                 health.observe(it, loss, logs)
                 metrics.count(batch["size"] * dist_info.world, wait, logs.pop("amp_skipped", 0.0))
-                logs.update({**schedules.at(it), "iteration": it + 1, "epoch": it // ipe})
+                logs.update({**sched, "iteration": it + 1, "epoch": it // ipe})
             it += 1
             if on_step is not None and batch["size"]:
                 on_step(it, logs)
