@@ -361,10 +361,10 @@ def run_bench(
                     backend, mode, case.arch, case.patch, case.img_size, tokens, case.batch, case.dtype,
                     machine, torch.__version__, max_abs_diff=diffs.get(backend, 0.0),
                 )  # fmt: skip
-                head_dim = _head_dim(case.arch)
+                head_dim, backward = _head_dim(case.arch), mode != "inference"  # the kernel ranking differs
                 rec.extra["attention_kernel"] = (
                     "timm fused attention (SDPA, PyTorch's choice)" if backend == "timm-fused"
-                    else describe_attention(backend, device, _DTYPES[case.dtype], head_dim)
+                    else describe_attention(backend, device, _DTYPES[case.dtype], head_dim, backward=backward)
                 )  # fmt: skip
                 if rec.max_abs_diff > tolerance * 10:
                     rec.status = "mismatch"

@@ -77,7 +77,7 @@ def _resume_config(run_dir: Path, overrides: list[str]):
             asked_cfg = copy.deepcopy(cfg)
             apply_override(asked_cfg, key, value)
             stored, asked = _setting(cfg, key), _setting(asked_cfg, key)
-            if _same_setting(key, stored, asked):
+            if _same_setting(key, stored, asked) or asked == _chosen_before(run_dir, cfg, key):
                 continue  # the original command again, with --resume: nothing changes
             raise ValueError(
                 f"{key} cannot change when resuming {run_dir} (it would make a different run): the run has "
@@ -91,6 +91,18 @@ def _resume_config(run_dir: Path, overrides: list[str]):
 def _setting(cfg, key: str):
     section, name = key.split(".", 1)
     return getattr(getattr(cfg, section), name)
+
+
+def _chosen_before(run_dir: Path, cfg, key: str):
+    """What the original command said for a setting the time budget then rewrote in config.json:
+    the budget's minutes (stored as 0 once spent) and the recipe's epochs (stored as those that fit)."""
+    from dinokit.runs import run_info
+
+    if key == "train.time_budget_min":
+        return run_info(run_dir).get("time_budget", {}).get("minutes")
+    if key == "optim.epochs":
+        return cfg.optim.recipe_epochs or None
+    return None
 
 
 def _same_setting(key: str, stored, asked) -> bool:

@@ -1,5 +1,6 @@
 """The ``dinokit`` command: data check / synth / split, exit codes and messages."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -65,3 +66,16 @@ def test_the_original_command_with_resume_continues_the_run(env, kaggle_root, ca
     assert main([*first[:4], str(env), *first[5:], "--resume"]) == 2
     err = capsys.readouterr().err
     assert "data.root cannot change" in err and str(kaggle_root) in err and str(env) in err
+
+
+def test_a_budgeted_run_resumes_with_its_original_command(env, capsys) -> None:
+    """The budget rewrites config.json (minutes spent: 0; epochs: those that fit): the original
+    `--set train.time_budget_min=... optim.epochs=...` plus --resume is still the same run."""
+    run = env / "b"
+    first = ["pretrain", "--preset", "ci", "--out", str(run), "--set", "train.time_budget_min=0.05", "optim.epochs=50"]
+    assert main(first) == 0
+    assert json.loads((run / "config.json").read_text())["train"]["time_budget_min"] == 0.0
+    assert main([*first, "--resume"]) == 0
+    capsys.readouterr()
+    assert main([*first[:-1], "optim.epochs=40", "--resume"]) == 2
+    assert "optim.epochs cannot change" in capsys.readouterr().err

@@ -146,3 +146,24 @@ def test_ablations_train_on_a_fresh_machine_then_only_open(env: Path, capsys) ->
     assert capsys.readouterr().out.count("opening the finished run") == 2
     assert all(knn_curves(first).values())
     assert reference_lines("ci", device="cpu")["chance"] == 100 / 12
+
+
+def test_nan_gradients_with_a_finite_loss_never_reach_a_checkpoint(env: Path, monkeypatch) -> None:
+    """The step is not synced, so a bad step is found at the next check: it must come before any save."""
+    from dinokit.losses import objective
+
+    real = objective.DINOv2Objective.forward
+    calls = {"n": 0}
+
+    def poisoned(self, student, *args, **kwargs):
+        total, logs = real(self, student, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] > 5:  # value 0, gradient 0 * inf = NaN: the loss stays finite
+            total = total + 0 * torch.sqrt(student["cls"].sum() * 0)
+        return total, logs
+
+    monkeypatch.setattr(objective.DINOv2Objective, "forward", poisoned)
+    with pytest.raises(TrainingDiverged, match="gradients .* at iteration 5"):
+        pretrain(_cfg(**{"train.log_every": 1000}), out_dir=env / "run")  # checks at saves only (every 4)
+    state = load_checkpoint(env / "run" / "checkpoint.pt")
+    assert state["iteration"] == 4 and all(torch.isfinite(v).all() for v in state["student"].values())

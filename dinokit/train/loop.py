@@ -28,7 +28,6 @@ from dinokit.data.split import Split
 from dinokit.device import device_kind, device_name, resolve_device, synchronize
 from dinokit.eval.features import extract_features
 from dinokit.eval.knn import knn_accuracy
-from dinokit.losses.objective import DINOv2Objective
 from dinokit.models.kernels import describe_attention, flash_attn_problem
 from dinokit.models.ssl import build_architecture
 from dinokit.precision import DTYPES, choose_precision, precision_warning
@@ -38,6 +37,7 @@ from dinokit.train.dist import DistInfo, any_rank, barrier, init_distributed
 from dinokit.train.fsdp import full_model_state, full_optimizer_state
 from dinokit.train.schedules import Schedules, build_schedules
 from dinokit.train.services import (
+    CENTRES,
     Checkpointer,
     MetricsLog,
     StepHealth,
@@ -97,19 +97,23 @@ def resume_config(run_dir: Path, current: Config) -> Config:
     return saved
 
 
-def divergence_message(logs: dict, objective: DINOv2Objective, iteration: int, ckpt_path: Path) -> str:
-    """``logs``: the loss terms of the first non-finite step (:meth:`StepHealth.first_bad`)."""
-    """Name what went non-finite first (a centre, or a loss term) and the advice that fits it."""
+def divergence_message(logs: dict, iteration: int, ckpt_path: Path) -> str:
+    """Name what went non-finite first (a centre, a loss term, or the gradients) and the advice that
+    fits it. ``logs``: what :meth:`StepHealth.first_bad` recorded of that step (later steps, run
+    before the check, have spread the NaN everywhere)."""
     keep = f"the last good checkpoint ({ckpt_path}) is kept"
-    for name, centre in (("DINO centre", objective.dino_center), ("iBOT centre", objective.ibot_center)):
-        if not torch.isfinite(centre.center).all():
+    if iteration < 0:
+        return f"another process's loss or gradients became non-finite; {keep}. Lower optim.base_lr or use fp32."
+    for name in CENTRES:
+        if logs.get(name, 1.0) < 1.0:
             return (
-                f"the {name} became non-finite before iteration {iteration}; {keep}. A centre goes "
+                f"the {name} became non-finite at iteration {iteration}; {keep}. A centre goes "
                 "non-finite when the teacher's logits do: try train.precision=fp32 to rule out overflow."
             )
     labels = {"loss_dino": "DINO", "loss_ibot": "iBOT", "loss_koleo": "KoLeo"}
     bad = [labels[k] for k in labels if k in logs and not math.isfinite(logs[k])]
-    what = " and ".join(bad) + " loss" if bad else "total loss"
+    total_bad = not math.isfinite(logs.get("loss_total", math.nan))
+    what = " and ".join(bad) + " loss" if bad else ("total loss" if total_bad else "gradients (with a finite loss)")
     advice = "Lower optim.base_lr, raise optim.warmup_epochs, or train with train.precision=fp32."
     if bad == ["KoLeo"]:
         advice = "KoLeo diverges when two features coincide: lower loss.koleo_weight or set it to 0."
@@ -141,8 +145,7 @@ def pretrain(
     """Train (or resume) a run in ``out_dir`` (default ``runs/<preset>-<dataset>``).
 
     ``device``: auto (CUDA when present), cpu, cuda or cuda:N. ``on_step(iteration, logs)`` is
-    called after every step (tests use it to send signals); ``logs`` values are device tensors
-    except at log steps.
+    called after every step (tests use it to send signals); ``logs`` values are device tensors.
     """
     device = resolve_device(device)
     dist_info = init_distributed(device)
@@ -163,6 +166,8 @@ def pretrain(
     if cfg.train.time_budget_min > 0 and not resume:
         budget = _fit_time_budget(cfg, data, parts, checkpointer, device, precision, dist_info, run_dir)
         total_iters = budget.iterations if not cfg.train.max_iters else min(cfg.train.max_iters, budget.iterations)
+        if cfg.train.max_iters:  # written to config.json: a resume rebuilds the same schedules
+            cfg.train.max_iters = total_iters
         log.info(budget.why())
     schedules = build_schedules(cfg, data.iters_per_epoch, total_iters, data.global_batch)
     _write_run_record(cfg, data, parts, run_dir, precision, device, dist_info, total_iters, budget, resume, start_iter)
@@ -290,19 +295,22 @@ def train_loop(
                 except torch.OutOfMemoryError:
                     metrics.close()
                     raise TrainingOutOfMemory(oom_message(cfg, it, checkpointer.path)) from None
-                health.observe(it, loss, logs)
+                centres = (parts.objective.dino_center.center, parts.objective.ibot_center.center)
+                health.observe(it, loss, logs, grads_count=not parts.scaler.is_enabled(), centres=centres)
                 metrics.count(batch["size"] * dist_info.world, wait, logs.pop("amp_skipped", 0.0))
                 logs.update({**sched, "iteration": it + 1, "epoch": it // ipe})
             it += 1
             if on_step is not None and batch["size"]:
                 on_step(it, logs)
-            stopping = any_rank(stop.requested, device)
-            last = it >= total_iters or stopping
             due_knn = it % ipe == 0 and ((it // ipe) % cfg.train.knn_every_epochs == 0 or it == total_iters)
-            saving = checkpointer.due(it, total_iters) and not stopping
             log_step = it % cfg.train.log_every == 0 or it == total_iters
-            if log_step or last or due_knn or saving:  # nothing is read, shown or saved before this check
-                _stop_if_diverged(health, parts.objective, checkpointer.path, metrics)
+            boundary = log_step or due_knn or checkpointer.due(it, total_iters)
+            # a signal is agreed across processes at boundaries only (an all-reduce waits for the step)
+            stopping = any_rank(stop.requested, device) if boundary or dist_info.world == 1 else False
+            last = it >= total_iters or stopping
+            saving = checkpointer.due(it, total_iters) and not stopping
+            if boundary or last:  # nothing is read, shown or saved before this check
+                _stop_if_diverged(health, checkpointer.path, metrics)
             if log_step and batch["size"]:
                 metrics.record(logs, parts.scaler.is_enabled())
             metrics.bar.update()
@@ -320,10 +328,10 @@ def train_loop(
     return _finish(parts, run_dir, status, it, metrics.last, dist_info, loop_start)
 
 
-def _stop_if_diverged(health: StepHealth, objective, ckpt_path: Path, metrics: MetricsLog) -> None:
+def _stop_if_diverged(health: StepHealth, ckpt_path: Path, metrics: MetricsLog) -> None:
     if (bad := health.first_bad()) is not None:
         metrics.close()
-        raise TrainingDiverged(divergence_message(bad[1], objective, bad[0], ckpt_path))
+        raise TrainingDiverged(divergence_message(bad[1], bad[0], ckpt_path))
 
 
 def _knn_check(cfg, data, parts, metrics, run_dir, device, precision, dist_info, it) -> None:

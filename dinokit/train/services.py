@@ -25,6 +25,9 @@ from dinokit.train.dist import any_rank
 
 log = logging.getLogger("dinokit.train")
 LOSS_TERMS = ("loss_dino", "loss_ibot", "loss_koleo")
+GRAD_NORMS = ("grad_norm_backbone", "grad_norm_dino_head", "grad_norm_ibot_head")
+CENTRES = ("DINO centre", "iBOT centre")  # recorded as 1.0 (finite) or 0.0
+RECORDED = (*LOSS_TERMS, "loss_total", *CENTRES)
 
 
 class StopFlag:
@@ -54,7 +57,8 @@ class StopFlag:
 class StepHealth:
     """Whether every step so far had a finite loss, tracked on the device without a sync.
 
-    It remembers the first non-finite step and its loss terms (to name the culprit). Read with
+    It remembers the first non-finite step, its loss terms and whether the centres were still finite
+    (to name the culprit). Read with
     :meth:`first_bad` at log steps, before saving and before kNN: a diverged run stops there, and
     the checkpoint on disk, written before it, is the last good one.
     """
@@ -62,21 +66,36 @@ class StepHealth:
     def __init__(self, device: torch.device) -> None:
         self.ok = torch.ones((), dtype=torch.bool, device=device)
         self.bad_iteration = torch.full((), -1, dtype=torch.long, device=device)
-        self.bad_terms = torch.zeros(len(LOSS_TERMS), device=device)
+        self.bad_terms = torch.zeros(len(RECORDED), device=device)
 
-    def observe(self, iteration: int, loss: torch.Tensor, logs: dict) -> None:
-        newly = self.ok & ~torch.isfinite(loss)
-        terms = torch.stack([logs[k].float() if k in logs else loss.new_zeros(()).float() for k in LOSS_TERMS])
+    def observe(
+        self, iteration: int, loss: torch.Tensor, logs: dict, grads_count: bool = True,
+        centres: tuple[torch.Tensor, ...] = (),
+    ) -> None:  # fmt: skip
+        """``grads_count``: a non-finite gradient norm also counts (a finite loss can still give NaN
+        gradients, which the optimizer would write into the weights). Not under fp16, where the
+        loss scaler skips such steps itself."""
+        finite = torch.isfinite(loss)
+        if grads_count:
+            for name in GRAD_NORMS:
+                if name in logs:
+                    finite = finite & torch.isfinite(logs[name])
+        newly = self.ok & ~finite
+        zero = loss.new_zeros((), dtype=torch.float32)
+        terms = [logs[k].float() if k in logs else zero for k in LOSS_TERMS] + [loss.detach().float()]
+        terms += [torch.isfinite(c).all().float() for c in centres] + [zero + 1] * (len(CENTRES) - len(centres))
+        terms = torch.stack(terms)
         self.bad_iteration = torch.where(newly, iteration, self.bad_iteration)
         self.bad_terms = torch.where(newly, terms, self.bad_terms)
         self.ok &= ~newly
 
     def first_bad(self) -> tuple[int, dict[str, float]] | None:
-        """``(iteration, loss terms)`` of the first non-finite step on any process, or None."""
+        """``(iteration, loss terms)`` of the first non-finite step on any process, or None
+        (iteration -1: it was another process's)."""
         if not any_rank(not bool(self.ok), self.ok.device):
             return None
         it = int(self.bad_iteration)
-        return it, dict(zip(LOSS_TERMS, self.bad_terms.tolist(), strict=True))
+        return it, dict(zip(RECORDED, self.bad_terms.tolist(), strict=True))
 
 
 class MetricsLog:
