@@ -211,3 +211,18 @@ def test_half_precision_prototype_gradients_keep_their_small_entries(dtype) -> N
     bound = 1e-3 if dtype == torch.float16 else 5e-3
     for ref, low in zip(grads[torch.float32], grads[dtype], strict=True):
         assert (low - ref).norm() / ref.norm() < bound
+
+
+def test_without_local_crops_the_dino_term_divides_as_dinov2_does() -> None:
+    """dinov2's ssl_meta_arch.py: n_local_crops_loss_terms = max(n_local * n_global, 1), so two global
+    views alone give (CE(t1, s0) + CE(t0, s1)) / 3; the 'no local crops' ablation trains with that."""
+    torch.manual_seed(0)
+    obj = DINOv2Objective(LossConfig(ibot_weight=0.0, koleo_weight=0.0), out_dim=16)
+    student, teacher, weights = _pair(n_local=0)
+    del student["dino_local"]
+    _, logs = obj(student, teacher, weights, teacher_temp=0.04)
+    t = Centering(16).targets(teacher["dino_global"] @ teacher["dino_prototypes"].t(), 0.04)
+    s = torch.log_softmax(student["dino_global"].detach() @ student["dino_prototypes"].detach().t() / 0.1, -1)
+    (t0, t1), (s0, s1) = t.chunk(2), s.chunk(2)
+    by_hand = (-(t1 * s0).sum(-1).mean() - (t0 * s1).sum(-1).mean()) / 3
+    assert math.isclose(float(logs["loss_dino"]), float(by_hand), rel_tol=1e-5)

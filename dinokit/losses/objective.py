@@ -72,7 +72,9 @@ class DINOv2Objective(nn.Module):
         if n_local:
             z.append(student["dino_local"])
             targets.append(both.repeat(n_local, 1))
-        pairs = n_global * (n_global - 1) + n_global * n_local
+        # dinov2's count (ssl_meta_arch.py): at least one local "pair" even without local crops, so two
+        # global views alone divide by 3. DINOLoss, the notebooks' average over pairs, divides by 2 there.
+        pairs = n_global * (n_global - 1) + max(n_global * n_local, 1)
         z_all = torch.cat(z)
         weights = z_all.new_full((z_all.shape[0],), 1.0 / (pairs * b))
         return prototype_cross_entropy(
