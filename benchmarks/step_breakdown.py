@@ -115,7 +115,8 @@ def forward_and_loss(parts, batch: dict, precision: str, device: torch.device) -
     loss.backward()
 
 
-def measure(args, attention: str, device: torch.device, data_root: Path) -> dict:
+def setup(args, attention: str, device: torch.device, data_root: Path):
+    """``(cfg, precision, data, batches, parts)``: the preset's loader and networks, as a run builds them."""
     overrides = [f"data.root={data_root}", f"model.attention={attention}", f"data.num_workers={args.workers}"]
     overrides += (TINY if args.tiny else []) + (["optim.batch_size=" + str(args.batch)] if args.batch else [])
     overrides += [f"train.compile={args.compile}"]
@@ -124,8 +125,12 @@ def measure(args, attention: str, device: torch.device, data_root: Path) -> dict
     torch.manual_seed(0)
     data = build_data(cfg, DistInfo(device=device), device)
     data.sampler.set_range(0, 1 << 30)  # as many batches as asked: the run's own sequence
-    batches = iter(data.loader)
     parts = build_parts(cfg, device, precision, resume=False, world=1)
+    return cfg, precision, data, iter(data.loader), parts
+
+
+def measure(args, attention: str, device: torch.device, data_root: Path) -> dict:
+    cfg, precision, data, batches, parts = setup(args, attention, device, data_root)
     for _ in range(args.warmup):
         run_step(parts, data, batches, precision, device)
     timer = PhaseTimer(device)
@@ -190,7 +195,7 @@ def main() -> int:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="the device's dense matmul peak, for MFU")
     parser.add_argument("--tiny", action="store_true", help="toy sizes on the ci preset (runs in make test)")
-    parser.add_argument("--trace", type=Path, help="also write a torch.profiler Chrome trace of 3 steps")
+    parser.add_argument("--trace", type=Path, help="also a torch.profiler Chrome trace of 3 steps (first attention)")
     parser.add_argument("--out", type=Path, default=ROOT / "report" / "bench")
     args = parser.parse_args()
     if args.tiny:
@@ -218,13 +223,7 @@ def main() -> int:
 def _trace(args, device: torch.device, data_root: Path) -> None:
     from torch.profiler import ProfilerActivity, profile
 
-    cfg = make_config(args.preset, [f"data.root={data_root}", f"data.num_workers={args.workers}"]
-                      + (TINY if args.tiny else []))  # fmt: skip
-    precision = choose_precision(cfg.train.precision, device_kind(device))
-    data = build_data(cfg, DistInfo(device=device), device)
-    data.sampler.set_range(0, 1 << 30)
-    batches = iter(data.loader)
-    parts = build_parts(cfg, device, precision, resume=False, world=1)
+    _, precision, data, batches, parts = setup(args, args.attention[0], device, data_root)  # the first measured
     run_step(parts, data, batches, precision, device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:

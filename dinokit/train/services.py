@@ -103,7 +103,7 @@ class MetricsLog:
 
     def __init__(self, path: Path | None, device: torch.device, total: int, start: int, main: bool) -> None:
         self.file = path.open("a") if path is not None and main else None
-        self.device, self.main = device, main
+        self.device = device
         self.bar = tqdm(total=total, initial=start, desc="pre-training", disable=not main)
         self.last: dict[str, float] = {}
         self._reset()

@@ -91,7 +91,7 @@ def build_data(cfg: Config, dist_info: DistInfo, device: torch.device) -> TrainD
 class TrainParts:
     student: SSLModel
     teacher: SSLModel
-    model: nn.Module  # the student as the step calls it: wrapped by DDP and/or torch.compile
+    model: nn.Module  # the student as the step calls it: wrapped by DDP under torchrun
     objective: DINOv2Objective
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
