@@ -2,7 +2,8 @@
 
 * decode: JPEG bytes -> RGB (what every path must do in the loader);
 * per-image: decode + the PIL multi-crop pipeline (``data.augment_on=loader``);
-* batched: decode + canvas in the loader, then the batched multi-crop (``data.augment_on=device``),
+* batched: decode + canvas (its side from the crop recipe, ``canvas_size``) in the loader, then
+  the batched multi-crop (``data.augment_on=device``),
   here run on the CPU: on a GPU that second half leaves the CPU entirely.
 
 One thread, median of ``--repeats`` passes over the same images.
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from dinokit.config import make_config
-from dinokit.data.batch_crops import BatchMultiCrop, DecodeToCanvas, canvas_size
+from dinokit.data.batch_crops import device_augmentation
 from dinokit.data.crops import MultiCrop
 from dinokit.data.images import load_rgb
 from dinokit.data.synth import CLASSES, draw_person
@@ -48,10 +49,9 @@ def _rate(fn, n: int, repeats: int) -> float:
 
 def measure(preset: str, image_px: int, n: int, repeats: int, batch: int = 32) -> dict[str, float]:
     c = make_config(preset).crops
-    args = (c.global_size, c.local_size, c.n_local, c.global_scale, c.local_scale, c.blur_p)
+    args = (c.global_size, c.local_size, c.n_local, c.global_scale, c.local_scale, c.blur_p, c.blur_sigma)
     jpegs = _jpegs(n, image_px)
-    per_image, decode = MultiCrop(*args), DecodeToCanvas(canvas_size(c.global_size))
-    batched = BatchMultiCrop(*args)
+    per_image, (decode, batched) = MultiCrop(*args), device_augmentation(c)
 
     def run_decode() -> None:
         for data in jpegs:

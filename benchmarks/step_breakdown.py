@@ -64,7 +64,7 @@ class PhaseTimer:
 def next_batch(data, batches, device: torch.device) -> dict:
     batch = next(batches)
     if data.batch_crops is not None:
-        batch.update(data.batch_crops(batch["canvas"].to(device, non_blocking=True), batch["hw"]))
+        batch.update(data.batch_crops.on_device(batch, device))
     return batch
 
 
@@ -146,7 +146,7 @@ def measure(args, attention: str, device: torch.device, data_root: Path) -> dict
     step_s = (time.perf_counter() - start) / args.steps
     b = cfg.optim.batch_size
     raw = next(batches)
-    augment = count_syncs(lambda: data.batch_crops(raw["canvas"].to(device), raw["hw"])) if data.batch_crops else {}
+    augment = count_syncs(lambda: data.batch_crops.on_device(raw, device)) if data.batch_crops else {}
     sample = next_batch(data, batches, device)
     syncs = count_syncs(lambda: train_step(parts.model, parts.teacher, parts.objective, parts.optimizer,
                                            parts.scaler, sample, SCHED, precision, device, 3.0))  # fmt: skip

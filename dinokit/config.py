@@ -40,6 +40,8 @@ class CropConfig:
     # Blur probability of global crop 1, global crop 2, local crops: the papers' 1.0 / 0.1 / 0.5.
     # The official code effectively applies 0.0 / 0.9 / 0.5 (see dinokit/data/crops.py).
     blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)
+    # Blur sigma range in px, for a 9 px kernel at every crop size: DINOv2's (0.1, 2.0).
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
     eval_size: int = 224
     # Image size for attention maps and their Jaccard score (0: eval_size). Positions interpolate,
     # so a small model trained on 48 px crops can be asked for 12 x 12 maps at 96 px.
@@ -115,6 +117,9 @@ class OptimConfig:
     # The recipe's length when a time budget trained fewer epochs (0: optim.epochs is the recipe).
     # The warm-ups and the prototype freeze then keep their share of the run, not their length.
     recipe_epochs: int = 0
+    # Iterations in one schedule "epoch" (0: one pass over the data). DINOv2's recipes count epochs of
+    # OFFICIAL_EPOCH_LENGTH = 1,250 iterations whatever the dataset; set 1250 to read them that way.
+    epoch_length: int = 0
 
 
 @dataclass
@@ -124,7 +129,7 @@ class TrainConfig:
     compile: bool = False
     fsdp: bool = False
     grad_checkpointing: bool = False  # recompute each block in the backward: far less memory, ~30 % more time
-    iters_per_epoch: int = 0  # 0: images // global batch
+    iters_per_epoch: int = 0  # iterations per pass over the data; 0: images // global batch
     max_iters: int = 0  # 0: epochs * iters_per_epoch
     # > 0: time a few steps first and train optim.epochs, or as many as fit in this many minutes
     # (steps, kNN checks, checkpoints) if fewer. The chosen optim.epochs is written to the run's

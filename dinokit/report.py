@@ -42,6 +42,12 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{x:.1f}%"
 
 
+def _pass_note(info: dict) -> str:
+    """Say so when an "epoch" was not one pass over the data (``optim.epoch_length``)."""
+    per_pass = info.get("iters_per_pass", info["iters_per_epoch"])
+    return "" if per_pass == info["iters_per_epoch"] else f"; one pass over the data is {per_pass}"
+
+
 def _method_section(r: Document, run_dir: Path) -> None:
     info = run_info(run_dir)
     if not info:
@@ -63,8 +69,8 @@ def _method_section(r: Document, run_dir: Path) -> None:
                   f"{info.get('augment_on', 'loader')}"],
         ["optimisation", f"{o['epochs']} epochs, batch {info['global_batch']}, base lr {o['base_lr']:g} "
                          f"({o['lr_scaling']}), teacher momentum {o['momentum_teacher']:g} -> 1"],
-        ["iterations", f"{info['total_iters']} ({info['iters_per_epoch']} per epoch) on {info['n_pretrain_images']} "
-                       "images"],
+        ["iterations", f"{info['total_iters']} ({info['iters_per_epoch']} per epoch"
+                       f"{_pass_note(info)}) on {info['n_pretrain_images']} images"],
         ["loss", f"DINO + iBOT (w {lo['ibot_weight']:g}) + KoLeo (w {lo['koleo_weight']:g}), "
                  f"{lo['normalization']}, teacher temperature {lo['warmup_teacher_temp']:g} -> {lo['teacher_temp']:g}"],
         ["device", f"{info.get('device_name', info['device'])}, {info['precision']}, torch {info['torch']}, "
@@ -181,6 +187,15 @@ def _attention_section(r: Document, run_dir: Path) -> None:
             f"random init {jac['random_init']:.1f} % ({ratio:.2f}x){extra}."
         )
         r.figure(jaccard_figure(jac), "attention_jaccard", "Jaccard of attention and figure across checkpoints")
+        if "pca" in jac:
+            pca = jac["pca"]
+            r.p(
+                "The patch-PCA foreground (first component over 8 images at a time, each image's mean removed, "
+                "thresholded at 0, sign chosen by the border) scored the same way: pre-trained "
+                f"{pca['teacher']:.1f} % against random init {pca['random_init']:.1f} %. Random init's features follow "
+                "pixel intensity, and the embedded figures are darker than their backgrounds: a mask that needs no "
+                "learning."
+            )
     path = run_dir / "attention" / "maps.pt"
     if not path.is_file():
         r.missing("attention maps", f"dinokit attention {display_path(run_dir)}")

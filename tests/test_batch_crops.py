@@ -2,6 +2,8 @@
 statistically on the CPU; deterministic per seed; bad images still skipped."""
 
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,9 +12,9 @@ from PIL import Image
 from scipy.stats import ks_2samp
 from torchvision.transforms import v2
 
-from dinokit.config import MaskConfig
-from dinokit.data.batch_crops import BatchMultiCrop, DecodeToCanvas, choose_augment_on, crop_boxes
-from dinokit.data.crops import MultiCrop, blur_kernel_and_sigma, denormalize
+from dinokit.config import MaskConfig, make_config
+from dinokit.data.batch_crops import BatchMultiCrop, DecodeToCanvas, canvas_size, choose_augment_on, crop_boxes
+from dinokit.data.crops import BLUR_SIGMA, MultiCrop, denormalize
 from dinokit.data.har import Record
 from dinokit.data.loader import MultiCropCollate, MultiCropDataset
 from dinokit.data.synth import CLASSES, draw_person
@@ -84,9 +86,9 @@ def test_every_augmentation_fires_with_its_probability() -> None:
         values = jitter[key]
         assert values.min() >= lo - 1e-6 and values.max() <= hi + 1e-6, key
         assert abs(float(values.mean()) - (lo + hi) / 2) < 0.05 * (hi - lo), key  # uniform
-    # blur sigmas: uniform over the same range as the per-image pipeline's, per crop size
-    for view, size in (("global0", 16), ("local", 8)):
-        lo, hi = blur_kernel_and_sigma(size)[1]
+    # blur: the official 9 px kernel, sigma uniform in [0.1, 2.0] at every crop size
+    for view in ("global0", "local"):
+        lo, hi = BLUR_SIGMA
         sigma = p[view]["blur"]["sigma"]
         assert sigma.min() >= lo - 1e-6 and sigma.max() <= hi + 1e-6
         assert abs(float(sigma.mean()) - (lo + hi) / 2) <= 0.05 * (hi - lo) + 1e-6
@@ -161,3 +163,29 @@ def test_augment_on_choice() -> None:
     assert choose_augment_on("auto", "cuda") == "device" and choose_augment_on("loader", "cuda") == "loader"
     with pytest.raises(ValueError, match="data.augment_on"):
         choose_augment_on("gpu", "cpu")
+
+
+def test_the_canvas_is_sized_from_the_recipe() -> None:
+    """out * sqrt((4/3) / min_scale), rounded up to 8: the local 96 px crop at 5 % decides for DINOv2."""
+    assert canvas_size(224, 96, (0.32, 1.0), (0.05, 0.32)) == 496  # 96 * sqrt(26.67) = 495.8
+    c = make_config("cpu-demo").crops
+    assert canvas_size(c.global_size, c.local_size, c.global_scale, c.local_scale) == 96  # 48 * sqrt(3.81) = 93.7
+
+
+@pytest.mark.parametrize("source", [(225, 300), (480, 640)])
+@pytest.mark.parametrize(("out", "scale"), [(224, (0.32, 1.0)), (96, (0.05, 0.32))])
+def test_no_crop_loses_resolution_to_the_canvas(source, out, scale) -> None:
+    """Crop scale and effective resolution of the canvas path equal the per-image path's (boxes cut
+    from the full-resolution image), draw for draw; the old 264 px canvas lost resolution on 640 px
+    photos (benchmarks/crop_resolution.py)."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from crop_resolution import OLD_CANVAS, crop_sides
+
+    def effective(canvas):
+        torch.manual_seed(0)
+        return np.minimum(crop_sides(source, scale, 3000, canvas), out)
+
+    full, canvas = effective(None), effective(canvas_size(224, 96, (0.32, 1.0), (0.05, 0.32)))
+    assert (canvas >= full - 1).all()  # within a pixel (the boxes' rounding) of the full-resolution crop
+    if source[1] > OLD_CANVAS:
+        assert (effective(OLD_CANVAS) < full - 1).mean() > 0.4  # the old canvas lost detail on most crops

@@ -43,6 +43,8 @@ def test_eval_writes_metrics_and_baselines(trained: Path, capsys) -> None:
     jac = metrics["attention_jaccard"]
     assert jac["geometry"].startswith("whole image") and jac["images"] == len(rows_val(trained))
     assert 0 <= jac["teacher"] <= 100 and 0 <= jac["random_init"] <= 100
+    assert 0 <= jac["pca"]["teacher"] <= 100 and 0 <= jac["pca"]["random_init"] <= 100
+    assert "patch-PCA foreground" in out
 
 
 def rows_val(run_dir: Path) -> list[dict]:

@@ -73,3 +73,46 @@ def test_attention_jaccard_end_to_end_by_hand(tmp_path: Path, monkeypatch: pytes
 def test_a_dataset_without_silhouettes_gets_no_score(tmp_path: Path) -> None:
     records = [Record(name="train/a.jpg", label=0, path=str(tmp_path / "a.jpg"))]
     assert jac.silhouettes_of(tmp_path, records) is None
+
+
+def _patch_features(n_images: int = 4, grid: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features with a figure (the centre 2 x 3 patches) on a background that differs per image,
+    more than figure and ground differ within one: (B, grid * grid, 8) and the figure (grid, grid)."""
+    g = torch.Generator().manual_seed(seed)
+    figure = torch.zeros(grid, grid, dtype=torch.bool)
+    figure[2:4, 2:5] = True
+    direction = torch.zeros(8)
+    direction[0] = 1.0
+    feats = []
+    for i in range(n_images):
+        background = torch.zeros(8)
+        background[1] = 6.0 * (i - (n_images - 1) / 2)  # between images: far apart
+        x = background + 0.1 * torch.randn(grid * grid, 8, generator=g)
+        x[figure.reshape(-1)] += 2.0 * direction  # within an image: figure vs ground
+        feats.append(x)
+    return torch.stack(feats), figure
+
+
+def test_patch_pca_finds_the_figure_in_every_image() -> None:
+    from dinokit.models.patch_pca import patch_pca
+
+    feats, figure = _patch_features()
+    out = patch_pca(feats, (6, 6))
+    assert out["foreground"].shape == (4, 6, 6) and out["rgb"].shape == (4, 6, 6, 3)
+    for i in range(4):  # the figure, not its complement: the side that touches the border less
+        assert torch.equal(out["foreground"][i], figure), i
+    assert (out["rgb"][~out["foreground"]] == 0).all() and out["rgb"].max() == pytest.approx(1.0)
+    # without removing each image's mean, the first component separates the images instead
+    plain = patch_pca(feats, (6, 6), center_images=False)["foreground"]
+    assert not all(torch.equal(plain[i], figure) for i in range(4))
+
+
+def test_pca_jaccard_scores_the_pca_mask_against_the_silhouette(tmp_path: Path, monkeypatch) -> None:
+    """The PCA mask of patch features equal to `_patch_features`: the figure, so J = 1; its
+    complement would score 0."""
+    img, sil = _figure_image(tmp_path, (48, 48), (16, 16, 40, 32))  # patches (2..3, 2..4) of a 6 x 6 grid
+    feats, _ = _patch_features()
+    vit = build_vit("vit_pico", img_size=48, patch_size=8)
+    monkeypatch.setattr(vit, "forward_features", lambda x: {"patch": feats[: len(x)]})
+    records = [Record(name=f"val/{i}.png", label=0, path=str(img)) for i in range(4)]
+    assert jac.pca_jaccard(vit, records, [sil] * 4, size=48, group=4) == pytest.approx(100.0)

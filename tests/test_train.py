@@ -167,3 +167,22 @@ def test_nan_gradients_with_a_finite_loss_never_reach_a_checkpoint(env: Path, mo
         pretrain(_cfg(**{"train.log_every": 1000}), out_dir=env / "run")  # checks at saves only (every 4)
     state = load_checkpoint(env / "run" / "checkpoint.pt")
     assert state["iteration"] == 4 and all(torch.isfinite(v).all() for v in state["student"].values())
+
+
+def test_epoch_length_decouples_schedule_epochs_from_passes_over_the_data(env: Path) -> None:
+    """``optim.epoch_length`` = N: schedules count epochs of N iterations (DINOv2 counts 1,250), while
+    the sampler keeps cycling through fresh permutations of the data."""
+    pass_length = (
+        pretrain(_cfg(**{"train.max_iters": 1}), out_dir=env / "probe").iteration
+        and json.loads((env / "probe" / "run_info.json").read_text())["iters_per_pass"]
+    )
+    length = pass_length + 3  # an epoch that is longer than one pass
+    result = pretrain(_cfg(**{"optim.epoch_length": length, "train.knn_every_epochs": 5}), out_dir=env / "r")
+    info = json.loads((env / "r" / "run_info.json").read_text())
+    assert (info["iters_per_epoch"], info["iters_per_pass"]) == (length, pass_length)
+    assert result.iteration == info["total_iters"] == 2 * length  # ci: 2 epochs
+    steps = [m for m in read_metrics(env / "r") if "lr" in m]
+    lrs = [m["lr"] for m in steps]
+    # ci's 1-epoch warm-up takes `length` iterations: 0 ... peak at `length - 1` (DINO's linspace), then the cosine
+    assert lrs.index(max(lrs)) == length - 1 and lrs[length] == pytest.approx(max(lrs)) and lrs[length + 1] < max(lrs)
+    assert [m["epoch"] for m in steps] == [i // length for i in range(len(steps))]  # step i is in epoch i // length

@@ -1,19 +1,27 @@
 """Multi-crop on the training device: one batched pass instead of one PIL pipeline per image.
 
 The loader workers only decode: each image is scaled down (never up) to fit a square canvas,
-padded, and shipped as uint8 with its true size (:class:`DecodeToCanvas`). On the device,
-:class:`BatchMultiCrop` draws every random parameter per sample and applies the same
-augmentations as the per-image pipeline (:mod:`dinokit.data.crops`), with the same
-distributions:
+padded, and shipped as uint8 with its true size (:class:`DecodeToCanvas`). The canvas is sized
+from the crop recipe (:func:`canvas_size`) so that, for any source up to 4:3, even the smallest
+crop is cut from at least as many pixels as it is resized to: a crop is upsampled only where the
+per-image pipeline, cutting from the full-resolution image, upsamples it too
+(``benchmarks/crop_resolution.py``). On the device, :class:`BatchMultiCrop` draws every random
+parameter per sample and applies the same augmentations as the per-image pipeline
+(:mod:`dinokit.data.crops`), with the same distributions:
 
 * random resized crops: scale and log-uniform aspect ratio in [3/4, 4/3], ten tries then a centre
   crop, as ``torchvision``'s ``RandomResizedCrop.get_params``, drawn inside each image's own size;
   cut and resized by ``torchvision.ops.roi_align`` (bilinear, averaging over the source pixels of
   each output pixel: antialiased like the per-image pipeline's bicubic resize, a little softer);
 * horizontal flip p=0.5; colour jitter (0.4, 0.4, 0.2, 0.1) p=0.8 with torchvision's formulas;
-  greyscale p=0.2; Gaussian blur with the same kernel sizes, sigma ranges and probabilities;
-  solarisation at 128/255 with p=0.2 on the second global crop (kornia's augmentations);
+  greyscale p=0.2; Gaussian blur (9 px, sigma in the recipe's range, 0.1-2.0 by default) with the
+  per-view probabilities; solarisation at 128/255 with p=0.2 on the second global crop (kornia);
 * ImageNet normalisation.
+
+Why not cut the crops in the loader, at source resolution, as the per-image pipeline does? It was
+tried: the loader's CPU cost per image rose about 15x at ``har-vits8`` sizes (300 px JPEGs, one
+core: 104 img/s against about 1,600 for decode and canvas), about 5 worker cores for a GPU at
+450 img/s, and the ``cpu-demo`` step became 15 % slower on 2 cores.
 
 Random draws come from torch's global generator, which the training loop seeds per step and per
 process: a resumed run sees the crops an uninterrupted run would have.
@@ -31,7 +39,8 @@ from PIL import Image
 from torch import nn
 from torchvision.ops import roi_align
 
-from dinokit.data.crops import BLUR_P, IMAGENET_MEAN, IMAGENET_STD, blur_kernel_and_sigma
+from dinokit.config import CropConfig
+from dinokit.data.crops import BLUR_KERNEL, BLUR_P, BLUR_SIGMA, IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
 RATIO = (3 / 4, 4 / 3)  # torchvision RandomResizedCrop's default aspect-ratio range
@@ -60,9 +69,19 @@ def choose_augment_on(requested: str, device_type: str) -> str:
     return requested
 
 
-def canvas_size(global_size: int) -> int:
-    """Canvas side for decoded images: a little above the global crop size, a multiple of 8."""
-    return int(math.ceil(global_size * 1.15 / 8) * 8)
+MAX_ASPECT = 4 / 3  # sources up to this aspect ratio never lose crop resolution to the canvas
+
+
+def canvas_size(
+    global_size: int, local_size: int, global_scale: tuple[float, float], local_scale: tuple[float, float]
+) -> int:
+    """Canvas side (a multiple of 8) at which the smallest crop of either kind, from a source of
+    aspect up to 4:3 scaled to fit, still spans its output size: ``out * sqrt(aspect / min_scale)``.
+    DINOv2's recipe (224 @ 0.32, 96 @ 0.05) gives 496 px; ``cpu-demo``'s 96 px."""
+    need = max(
+        global_size * math.sqrt(MAX_ASPECT / global_scale[0]), local_size * math.sqrt(MAX_ASPECT / local_scale[0])
+    )
+    return int(math.ceil(need / 8) * 8)
 
 
 class DecodeToCanvas:
@@ -123,6 +142,7 @@ class BatchMultiCrop(nn.Module):
         global_scale: tuple[float, float] = (0.32, 1.0),
         local_scale: tuple[float, float] = (0.05, 0.32),
         blur_p: tuple[float, float, float] = BLUR_P,
+        blur_sigma: tuple[float, float] = BLUR_SIGMA,
     ) -> None:
         super().__init__()
         import kornia.augmentation as K
@@ -136,16 +156,15 @@ class BatchMultiCrop(nn.Module):
         self.gray = K.RandomGrayscale(p=0.2)
         self.solarize = K.RandomSolarize(thresholds=0.0, additions=0.0, p=0.2)  # threshold exactly 0.5
         p1, p2, p_local = blur_p
-        self.blurs = nn.ModuleList([self._blur(p1, global_size), self._blur(p2, global_size)])
-        self.local_blur = self._blur(p_local, local_size)
+        self.blurs = nn.ModuleList([self._blur(p1, blur_sigma), self._blur(p2, blur_sigma)])
+        self.local_blur = self._blur(p_local, blur_sigma)
         self.last_params: dict[str, dict] = {}  # per view kind, for tests and curious students
 
     @staticmethod
-    def _blur(p: float, size: int) -> nn.Module:
+    def _blur(p: float, sigma: tuple[float, float]) -> nn.Module:
         import kornia.augmentation as K
 
-        kernel, sigma = blur_kernel_and_sigma(size)
-        return K.RandomGaussianBlur((kernel, kernel), sigma, p=p)
+        return K.RandomGaussianBlur((BLUR_KERNEL, BLUR_KERNEL), sigma, p=p)
 
     def _view(self, pixels, sizes, image, out, scale, blur, solarize, name):
         """Crops of ``pixels[image]`` (one per entry of ``image``) through the whole pipeline."""
@@ -176,3 +195,16 @@ class BatchMultiCrop(nn.Module):
                 pixels, sizes, local, self.local_size, self.local_scale, self.local_blur, False, "local"
             )
         return out
+
+    def on_device(self, batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
+        """The augmented views of a collated batch, its canvases moved to ``device`` first."""
+        return self(batch["canvas"].to(device, non_blocking=True), batch["hw"])
+
+
+def device_augmentation(crops: CropConfig, n_local: int | None = None) -> tuple[DecodeToCanvas, BatchMultiCrop]:
+    """The loader's transform and the device's multi-crop for a crop recipe (``n_local`` overrides)."""
+    c = crops
+    n = c.n_local if n_local is None else n_local
+    canvas = canvas_size(c.global_size, c.local_size, c.global_scale, c.local_scale)
+    augment = BatchMultiCrop(c.global_size, c.local_size, n, c.global_scale, c.local_scale, c.blur_p, c.blur_sigma)
+    return DecodeToCanvas(canvas), augment

@@ -2,8 +2,9 @@
 
 Two global crops (scale 0.32-1) and N local crops (scale 0.05-0.32), each flipped, colour
 jittered (p=0.8), greyscaled (p=0.2) and blurred; the second global crop is solarized with p=0.2.
-Values from dinov2/data/augmentations.py. The blur's kernel (9 px) and sigma range (0.1-2.0) at
-224 px are scaled with the crop size, so a 48 px crop is blurred like a 224 px one.
+Values from dinov2/data/augmentations.py. The blur is the official one at every crop size: a 9 px
+kernel, sigma uniform in [0.1, 2.0] (dinov2/data/transforms.py, ``GaussianBlur``), on the 96 px
+local crops as on the 224 px global ones.
 
 Blur probabilities (``crops.blur_p``, global 1 / global 2 / local): dinokit follows the papers
 (BYOL's asymmetric pair, kept by DINO and DINOv2), 1.0 / 0.1 / 0.5: one global view always
@@ -28,17 +29,17 @@ def _normalize() -> v2.Compose:
     return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-def blur_kernel_and_sigma(size: int) -> tuple[int, tuple[float, float]]:
-    """Kernel size and sigma range for a ``size`` px crop: DINOv2's 9 px kernel and sigma in
-    [0.1, 2.0] at 224 px (dinov2/data/transforms.py), both scaled with the crop (odd, at least 3)."""
-    sigma_max = 2.0 * size / 224
-    kernel = max(3, int(round(9 * size / 224)) | 1)
-    return kernel, (min(0.1, sigma_max), sigma_max)
+BLUR_KERNEL = 9  # px, at every crop size (dinov2/data/transforms.py)
+BLUR_SIGMA = (0.1, 2.0)
 
 
-def _blur(p: float, size: int) -> v2.Transform:
-    kernel, sigma = blur_kernel_and_sigma(size)
-    return v2.RandomApply([v2.GaussianBlur(kernel, sigma=sigma)], p=p)
+def random_resized_crop(size: int, scale: tuple[float, float]) -> v2.RandomResizedCrop:
+    """Cut at source resolution, then resized bicubically with antialiasing: the official geometry."""
+    return v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC)
+
+
+def _blur(p: float, sigma: tuple[float, float]) -> v2.Transform:
+    return v2.RandomApply([v2.GaussianBlur(BLUR_KERNEL, sigma=sigma)], p=p)
 
 
 def _colour() -> v2.Compose:
@@ -62,15 +63,15 @@ class MultiCrop:
         global_scale: tuple[float, float] = (0.32, 1.0),
         local_scale: tuple[float, float] = (0.05, 0.32),
         blur_p: tuple[float, float, float] = BLUR_P,
+        blur_sigma: tuple[float, float] = BLUR_SIGMA,
     ) -> None:
-        crop_g = v2.RandomResizedCrop(global_size, scale=global_scale, interpolation=v2.InterpolationMode.BICUBIC)
-        crop_l = v2.RandomResizedCrop(local_size, scale=local_scale, interpolation=v2.InterpolationMode.BICUBIC)
+        crop_g, crop_l = random_resized_crop(global_size, global_scale), random_resized_crop(local_size, local_scale)
         p1, p2, p_local = blur_p
-        self.global1 = v2.Compose([crop_g, _colour(), _blur(p1, global_size), _normalize()])
+        self.global1 = v2.Compose([crop_g, _colour(), _blur(p1, blur_sigma), _normalize()])
         self.global2 = v2.Compose(
-            [crop_g, _colour(), _blur(p2, global_size), v2.RandomSolarize(threshold=128, p=0.2), _normalize()]
+            [crop_g, _colour(), _blur(p2, blur_sigma), v2.RandomSolarize(threshold=128, p=0.2), _normalize()]
         )
-        self.local = v2.Compose([crop_l, _colour(), _blur(p_local, local_size), _normalize()])
+        self.local = v2.Compose([crop_l, _colour(), _blur(p_local, blur_sigma), _normalize()])
         self.n_local = n_local
 
     def __call__(self, image) -> dict[str, list[torch.Tensor]]:

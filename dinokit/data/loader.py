@@ -84,9 +84,9 @@ class MultiCropCollate:
             "size": len(good),
         }
         for key, value in good[0].items():
-            if isinstance(value, list):  # crops: view-major
+            if isinstance(value, list):  # crops (float, or uint8 for device augmentation): view-major
                 batch[key] = torch.stack([s[key][v] for v in range(len(value)) for s in good])
-            elif isinstance(value, torch.Tensor):  # e.g. decoded canvases for device augmentation
+            elif isinstance(value, torch.Tensor):  # e.g. a whole-image tensor
                 batch[key] = torch.stack([s[key] for s in good])
         iteration = good[0]["iteration"] or 0
         positions = [i if s["position"] is None else s["position"] for i, s in enumerate(good)]

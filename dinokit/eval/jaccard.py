@@ -27,6 +27,7 @@ from dinokit.data.har import Record
 from dinokit.data.images import BadImage, load_rgb
 from dinokit.data.synth import silhouette_path
 from dinokit.models.cls_attention import cls_attention, mass_mask
+from dinokit.models.patch_pca import patch_pca
 from dinokit.models.vit import VisionTransformer
 
 
@@ -85,3 +86,38 @@ def attention_jaccard(
     heads, head_mean = scores[:-1], scores[-1]
     best = max(range(len(heads)), key=heads.__getitem__)
     return {"best": heads[best], "best_head": best, "heads": heads, "head_mean": head_mean}
+
+
+def _whole_images(records: Sequence[Record], silhouettes: Sequence[Path], size: int, patch: int):
+    images, masks = [], []
+    for rec, sil in zip(records, silhouettes, strict=True):
+        try:
+            images.append(fit_to_patches(load_rgb(rec.source), size, patch))
+        except BadImage:
+            continue
+        masks.append(silhouette_at(sil, size))
+    return images, masks
+
+
+@torch.no_grad()
+def pca_jaccard(
+    backbone: VisionTransformer, records: Sequence[Record], silhouettes: Sequence[Path], size: int, group: int = 8
+) -> float:
+    """Mean Jaccard index (%) between the patch-PCA foreground (:func:`patch_pca`, fitted on
+    ``group`` images at a time, as the report's figure) and the figure, on the same geometry as
+    :func:`attention_jaccard`."""
+    patch = backbone.patch_size
+    size = max(patch, size - size % patch)
+    scores: list[torch.Tensor] = []
+    for start in range(0, len(records), group):
+        end = start + group
+        images, masks = _whole_images(records[start:end], silhouettes[start:end], size, patch)
+        if len(images) < 2:  # one image alone has no "several images at once" to fit on
+            continue
+        device = next(backbone.parameters()).device
+        patches = backbone.eval().forward_features(torch.stack(images).to(device))["patch"].float().cpu()
+        grid = (size // patch, size // patch)
+        fg = patch_pca(patches, grid)["foreground"].unsqueeze(1).float()
+        keep = F.interpolate(fg, size=(size, size), mode="nearest").bool()[:, 0]
+        scores.append(jaccard(keep, torch.stack(masks)))
+    return 100.0 * float(torch.cat(scores).mean()) if scores else float("nan")

@@ -26,7 +26,7 @@ from dinokit.data.source import prepare_split, resolve_data_root
 from dinokit.data.split import Split
 from dinokit.device import device_kind, resolve_device
 from dinokit.eval.features import FEATURE_KINDS, extract_features
-from dinokit.eval.jaccard import attention_jaccard, silhouettes_of
+from dinokit.eval.jaccard import attention_jaccard, pca_jaccard, silhouettes_of
 from dinokit.eval.knn import knn_accuracy
 from dinokit.eval.linear import linear_probe
 from dinokit.eval.supervised import train_supervised
@@ -229,7 +229,8 @@ def jaccard_suite(
     and every snapshot (when does the figure emerge?). ``size`` defaults to the run's attention size."""
     size = size or cfg.crops.attention_image_size
     score = lambda model: attention_jaccard(model, split.val, silhouettes, size)  # noqa: E731
-    teacher, random = score(backbone), score(random_init_backbone(cfg))
+    random_init = random_init_backbone(cfg)
+    teacher, random = score(backbone), score(random_init)
     out = {
         "mass": 0.6,
         "images": len(split.val),
@@ -238,6 +239,11 @@ def jaccard_suite(
         "teacher": teacher["best"],
         "random_init": random["best"],
         "detail": {"teacher": teacher, "random_init": random},
+        # the patch-PCA foreground (DINOv2 Fig. 1), scored against the same silhouettes
+        "pca": {
+            name: pca_jaccard(model, split.val, silhouettes, size)
+            for name, model in (("teacher", backbone), ("random_init", random_init))
+        },  # fmt: skip
     }
     supervised = sorted((run_dir / "eval").glob(f"supervised_backbone_{split.sha256[:12]}_*.pt"))
     if with_supervised and supervised:
@@ -310,4 +316,10 @@ def results_table(metrics: dict) -> str:
             f"\nattention finds the figure (Jaccard of the best head, 60 % mass, {jac['images']} held-out images at "
             f"{jac['image_size']} px): " + ", ".join(parts)
         )
+        if "pca" in jac:
+            pca = jac["pca"]
+            lines.append(
+                f"patch-PCA foreground (groups of 8 images): pre-trained {pca['teacher']:.1f}%, "
+                f"random init {pca['random_init']:.1f}%"
+            )
     return "\n".join(lines)

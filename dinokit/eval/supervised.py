@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from dinokit.config import Config
-from dinokit.data.batch_crops import BatchMultiCrop, DecodeToCanvas, canvas_size
+from dinokit.data.batch_crops import device_augmentation
 from dinokit.data.loader import MultiCropDataset
 from dinokit.data.split import Split
 from dinokit.models.ssl import build_architecture
@@ -62,9 +62,10 @@ def train_supervised(
     params = list(model.parameters()) + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     c = cfg.crops
-    crops = BatchMultiCrop(c.global_size, c.local_size, 0, c.global_scale, c.local_scale, c.blur_p).to(device)
+    decode, crops = device_augmentation(c, n_local=0)  # the two global views
+    crops = crops.to(device)
     loader = DataLoader(
-        MultiCropDataset(split.train, DecodeToCanvas(canvas_size(c.global_size)), cfg.train.seed),
+        MultiCropDataset(split.train, decode, cfg.train.seed),
         batch_size=cfg.optim.batch_size, shuffle=True, drop_last=True, collate_fn=_collate,
         num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(cfg.train.seed),
     )  # fmt: skip
@@ -79,7 +80,7 @@ def train_supervised(
                 continue
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(elapsed / seconds, lr)
-            views = crops(batch["canvas"].to(device, non_blocking=True), batch["hw"])["global"]  # 2 views
+            views = crops.on_device(batch, device)["global"]  # 2 views
             labels = batch["labels"].to(device).repeat(2)
             with autocast(precision, device):
                 logits = head(model(views).float())

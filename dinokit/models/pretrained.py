@@ -13,8 +13,9 @@ import os
 from pathlib import Path
 
 import torch
-from timm.layers import resample_abs_pos_embed, resample_patch_embed
+from timm.layers import resample_patch_embed
 
+from dinokit.models.pos_embed import interpolate_pos_embed
 from dinokit.models.vit import VisionTransformer
 
 TIMM_NAMES = {
@@ -66,9 +67,8 @@ def load_timm_vit_weights(model: VisionTransformer, state: dict[str, torch.Tenso
     n_patches = pos.shape[1] - 1
     old = int(round(n_patches**0.5))
     if (old, old) != tuple(model.grid):
-        state["pos_embed"] = resample_abs_pos_embed(
-            pos, new_size=list(model.grid), old_size=[old, old], num_prefix_tokens=1
-        )
+        # DINOv2's own formula: the model at its img_size sees the positions the official code uses there
+        state["pos_embed"] = interpolate_pos_embed(pos, (old, old), tuple(model.grid))
     if model.reg_token is None:
         state.pop("reg_token", None)
     own = model.state_dict()

@@ -13,11 +13,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from timm.layers import DropPath, LayerScale, Mlp, PatchEmbed, resample_abs_pos_embed
+from timm.layers import DropPath, LayerScale, Mlp, PatchEmbed
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dinokit.models.attention import Attention, check_backend, set_attention_backend
+from dinokit.models.pos_embed import interpolate_pos_embed
 
 # name -> (embed_dim, depth, num_heads)
 ARCHS = {
@@ -159,12 +160,7 @@ class VisionTransformer(nn.Module):
         x = x.reshape(b, gh * gw, -1)
         if masks is not None:
             x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype), x)
-        pos = self.pos_embed
-        if (gh, gw) != tuple(self.grid):
-            # bicubic without antialiasing, as DINOv2 (interpolate_antialias: false)
-            pos = resample_abs_pos_embed(
-                pos, new_size=(gh, gw), old_size=self.grid, num_prefix_tokens=1, antialias=False
-            )
+        pos = interpolate_pos_embed(self.pos_embed, self.grid, (gh, gw))  # as DINOv2, offset included
         cls = self.cls_token.expand(b, -1, -1) + pos[:, :1]
         tokens = [cls]
         if self.reg_token is not None:

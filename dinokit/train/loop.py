@@ -227,7 +227,7 @@ def _teacher_backbone_state(parts: TrainParts) -> dict[str, torch.Tensor]:
 def _run_step(cfg, data, parts, batch, it, sched, precision, device, rank) -> tuple[torch.Tensor, dict]:
     torch.manual_seed(seed_of(cfg.train.seed, it, rank))  # crops on the device, drop path
     if data.batch_crops is not None:
-        batch.update(data.batch_crops(batch["canvas"].to(device, non_blocking=True), batch["hw"]))
+        batch.update(data.batch_crops.on_device(batch, device))
     return train_step(
         parts.model, parts.teacher, parts.objective, parts.optimizer, parts.scaler, batch, sched, precision, device,
         cfg.optim.clip_grad,
@@ -245,7 +245,8 @@ def _write_run_record(cfg, data, parts, run_dir, precision, device, dist_info, t
         info = {
             "preset": cfg.preset, "split_sha256": data.split.sha256, "data_root": str(data.data_root),
             "dataset": data_tag(cfg), "classes": data.split.classes, "n_pretrain_images": len(data.records),
-            "iters_per_epoch": data.iters_per_epoch, "total_iters": total_iters, "global_batch": data.global_batch,
+            "iters_per_epoch": data.iters_per_epoch, "iters_per_pass": data.iters_per_pass,
+            "total_iters": total_iters, "global_batch": data.global_batch,
             "precision": precision, "attention": cfg.model.attention, "attention_kernel": kernel,
             "grad_checkpointing": cfg.train.grad_checkpointing, "augment_on": data.augment_on,
             "num_workers": cfg.data.num_workers, "device": str(device), "device_name": device_name(device),

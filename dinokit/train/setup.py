@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from dinokit import runs
 from dinokit.config import Config
-from dinokit.data.batch_crops import BatchMultiCrop, DecodeToCanvas, canvas_size, choose_augment_on
+from dinokit.data.batch_crops import choose_augment_on, device_augmentation
 from dinokit.data.crops import MultiCrop
 from dinokit.data.loader import EpochSampler, MultiCropCollate, MultiCropDataset
 from dinokit.data.source import prepare_split, resolve_data_root
@@ -41,7 +41,8 @@ class TrainData:
     data_root: Path
     records: list
     global_batch: int
-    iters_per_epoch: int
+    iters_per_epoch: int  # one schedule epoch (optim.epoch_length, or a pass over the data)
+    iters_per_pass: int  # one pass over the data: the sampler's epoch
     loader: DataLoader
     sampler: EpochSampler
     batch_crops: nn.Module | None  # crops cut on the device (None: the loader cuts them)
@@ -65,18 +66,20 @@ def build_data(cfg: Config, dist_info: DistInfo, device: torch.device) -> TrainD
     if cfg.data.max_images:
         records = records[: cfg.data.max_images]
     global_batch = cfg.optim.batch_size * dist_info.world
-    iters_per_epoch = cfg.train.iters_per_epoch or len(records) // global_batch
-    if iters_per_epoch < 1:
+    iters_per_pass = cfg.train.iters_per_epoch or len(records) // global_batch
+    if iters_per_pass < 1:
         raise ValueError(f"{len(records)} images are fewer than one global batch of {global_batch}")
+    iters_per_epoch = cfg.optim.epoch_length or iters_per_pass
     c = cfg.crops
     grid = (c.global_size // cfg.model.patch_size,) * 2
-    crop_args = (c.global_size, c.local_size, c.n_local, c.global_scale, c.local_scale, c.blur_p)
+    geometry = (c.global_size, c.local_size, c.n_local, c.global_scale, c.local_scale)
     augment_on = choose_augment_on(cfg.data.augment_on, device.type)
     if augment_on == "device":  # the loader only decodes; crops are cut per batch on the device
-        transform, batch_crops = DecodeToCanvas(canvas_size(c.global_size)), BatchMultiCrop(*crop_args).to(device)
+        transform, batch_crops = device_augmentation(c)
+        batch_crops = batch_crops.to(device)
     else:
-        transform, batch_crops = MultiCrop(*crop_args), None
-    sampler = EpochSampler(len(records), global_batch, iters_per_epoch, cfg.train.seed, dist_info.rank, dist_info.world)
+        transform, batch_crops = MultiCrop(*geometry, c.blur_p, c.blur_sigma), None
+    sampler = EpochSampler(len(records), global_batch, iters_per_pass, cfg.train.seed, dist_info.rank, dist_info.world)
     loader = DataLoader(
         MultiCropDataset(records, transform, cfg.train.seed),
         batch_size=cfg.optim.batch_size,
@@ -84,7 +87,18 @@ def build_data(cfg: Config, dist_info: DistInfo, device: torch.device) -> TrainD
         collate_fn=MultiCropCollate(grid, cfg.masks, cfg.train.seed, global_batch),
         **loader_options(cfg.data.num_workers, device.type),
     )
-    return TrainData(split, data_root, records, global_batch, iters_per_epoch, loader, sampler, batch_crops, augment_on)
+    return TrainData(
+        split,
+        data_root,
+        records,
+        global_batch,
+        iters_per_epoch,
+        iters_per_pass,
+        loader,
+        sampler,
+        batch_crops,
+        augment_on,
+    )
 
 
 @dataclass

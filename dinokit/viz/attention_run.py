@@ -17,9 +17,9 @@ from dinokit.data.images import load_rgb
 from dinokit.data.source import prepare_split, resolve_data_root
 from dinokit.device import resolve_device
 from dinokit.models.cls_attention import cls_attention
+from dinokit.models.patch_pca import patch_pca
 from dinokit.models.ssl import random_init_backbone
 from dinokit.viz.attention import attention_for_records
-from dinokit.viz.pca import patch_pca
 
 
 def pick_images(split, n: int) -> list:

@@ -5,6 +5,12 @@ figure from background (thresholded at 0; the side that holds fewer border patch
 foreground, since backgrounds fill the borders). A second PCA on the foreground patches only
 gives three components, min-max scaled per component and shown as RGB: parts that look alike
 to the model get alike colours, across images.
+
+One step DINOv2's description does not have: each image's mean patch feature is removed before
+the joint fit (``center_images``). Without it the first component can separate the *images* (one
+background from another) instead of figure from ground within each: on the demo's teacher
+(held-out embedded images, groups of 8) the foreground's Jaccard against the true silhouettes
+was 22.0 % without it and 53.0 % with it; random init, 49.6 % and 53.5 %.
 """
 
 from __future__ import annotations
@@ -20,11 +26,16 @@ def _border(gh: int, gw: int) -> np.ndarray:
     return edge.reshape(-1)
 
 
-def patch_pca(patches: torch.Tensor, grid: tuple[int, int], seed: int = 0) -> dict[str, torch.Tensor]:
+def patch_pca(
+    patches: torch.Tensor, grid: tuple[int, int], seed: int = 0, center_images: bool = True
+) -> dict[str, torch.Tensor]:
     """``patches``: (B, gh * gw, D) -> ``foreground`` (B, gh, gw) bool and ``rgb`` (B, gh, gw, 3) in [0, 1]."""
     b, n, d = patches.shape
     gh, gw = grid
-    x = patches.reshape(b * n, d).float().numpy()
+    x = patches.float()
+    if center_images:
+        x = x - x.mean(1, keepdim=True)
+    x = x.reshape(b * n, d).numpy()
     first = PCA(n_components=1, random_state=seed).fit_transform(x)[:, 0].reshape(b, n)
     positive = first > 0
     border = _border(gh, gw)
