@@ -123,6 +123,11 @@ def device_name(device: torch.device | str) -> str:
     return kind.name if kind.type == "cuda" else f"{kind.name} ({os.cpu_count()} cores)"
 
 
+def is_cpu_name(name: str) -> bool:
+    """Whether a :func:`device_name` (as saved in results) names a CPU: those end in their core count."""
+    return name.endswith(" cores)")
+
+
 def peak_memory_mb(device: torch.device | str) -> float:
     """CUDA's peak allocation on a GPU; this process's peak resident set (VmHWM) on the CPU."""
     device = torch.device(device)

@@ -20,7 +20,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from dinokit import paths  # noqa: E402
-from dinokit.runs import profile_run_dir, read_metrics, run_info  # noqa: E402
+from dinokit.ablations import VARIANTS, ablation_dir, knn_curves  # noqa: E402
+from dinokit.runs import CROPS_EXAMPLE, profile_run_dir, read_metrics, run_info  # noqa: E402
 from dinokit.viz import plots  # noqa: E402
 from dinokit.viz.attention_plots import attention_figure, jaccard_figure, pca_figure, snapshots_figure  # noqa: E402
 from dinokit.viz.document import Document, student_text  # noqa: E402
@@ -95,19 +96,38 @@ def _data_section(r: Document, run_dir: Path) -> None:
         for line in split_csv.read_text().splitlines()[1:]:
             counts[line.split(",")[2]] += 1
     dataset = {"embedded": "the kit's embedded dataset", "har": "Kaggle Human Action Recognition (HAR)"}
+    unlabeled = "the unlabelled test images" if counts["unlabeled"] else "no unlabelled images"
     r.p(
         f"Data: {dataset.get(info.get('dataset', ''), info.get('dataset', 'see run_info.json'))}; "
         f"{len(info['classes'])} classes. Fixed split (stratified, seed {cfg['data']['split_seed']}, "
         f"{int(100 * cfg['data']['val_fraction'])} % held out, exact duplicates on one side): train {counts['train']}, "
         f"held-out {counts['val']}, unlabelled {counts['unlabeled']}. Manifest sha256: `{info['split_sha256']}`."
     )
+    labelled = counts["train"] + counts["val"]
     r.p(
-        "HAR's 5,400 test images carry no labels, so they cannot measure accuracy: the held-out set is carved "
-        "out of the 12,600 labelled images instead. The unlabelled test images do take part in self-supervised "
-        f"pre-training ({'on' if cfg['data']['use_unlabeled'] else 'off'} in this run: data.use_unlabeled), which "
-        "is a transductive choice: the model has seen the images it will later be asked to label (never their "
-        "labels, and never the held-out images). Discuss whether that is fair for your use."
+        f"The {counts['unlabeled']:,} test-side images carry no labels, so they cannot measure accuracy: the held-out "
+        f"set is carved out of the {labelled:,} labelled images instead"
+        + (" (HAR's 12,600 labelled and 5,400 test images)" if info.get("dataset") == "har" else "")
+        + f". This run pre-trained on {unlabeled} too "
+        f"(data.use_unlabeled {'on' if cfg['data']['use_unlabeled'] else 'off'}): where they take part, that is a "
+        "transductive choice: the model has seen the images it will later be asked to label (never their labels, "
+        "and never the held-out images). Discuss whether that is fair for your use."
     )
+    by_class: dict[str, int] = {}
+    if split_csv.is_file():
+        for line in split_csv.read_text().splitlines()[1:]:
+            name, label, side = line.split(",")[:3]
+            if side != "unlabeled":
+                by_class[label] = by_class.get(label, 0) + 1
+    if by_class:
+        r.figure(plots.class_histogram(by_class, "labelled images per class (train + held-out)"), "class_histogram",
+                 "Labelled images per class")  # fmt: skip
+    crops = run_dir / CROPS_EXAMPLE
+    if crops.is_file():
+        views = torch.load(crops, weights_only=True)
+        r.figure(
+            plots.crops_figure(views), "crops", f"The multi-crop views of one pre-training image ({views['name']})"
+        )
 
 
 def _training_section(r: Document, run_dir: Path) -> None:
@@ -116,12 +136,28 @@ def _training_section(r: Document, run_dir: Path) -> None:
     if not metrics:
         r.missing("the metrics log", f"dinokit pretrain --out {display_path(run_dir)}")
         return
-    r.figure(plots.training_curves(metrics), "training_curves", "Loss terms, collapse monitor, schedules, kNN top-1")
+    k = json.loads((run_dir / "config.json").read_text())["model"]["head_prototypes"]
+    r.figure(plots.training_curves(metrics, k), "training_curves", "Loss terms, collapse monitor, schedules, kNN top-1")
     steps = [m for m in metrics if "images_per_s" in m]
     if steps:
         speed = float(np.median([m["images_per_s"] for m in steps]))
         wait = float(np.median([m.get("data_wait_share", 0.0) for m in steps]))
         r.p(f"Median training throughput: {speed:.0f} source images/s; {wait:.0%} of the step spent waiting for data.")
+    _ablation_figure(r, (run_info(run_dir) or {}).get("preset", ""))
+
+
+def _ablation_figure(r: Document, preset: str) -> None:
+    """Notebook 03's ablations (short runs on the embedded data), where they have been trained."""
+    short = "ci" if preset == "ci" else "cpu-demo"
+    done = {
+        name: ablation_dir(short, name) for name in VARIANTS if (ablation_dir(short, name) / "metrics.jsonl").is_file()
+    }
+    curves = {name: points for name, points in knn_curves(done).items() if points}
+    if not curves:
+        r.p(f"No ablations trained yet: notebook 03's ablation cell trains them (`{short}` short runs).")
+        return
+    title = f"Ablations: kNN top-1 of `{short}` short runs on the embedded data, one piece switched off in each"
+    r.figure(plots.ablation_curves(curves), "ablations", title)
 
 
 def _eval_section(r: Document, run_dir: Path) -> None:
@@ -164,6 +200,28 @@ def _eval_section(r: Document, run_dir: Path) -> None:
         if "supervised" in base and "knn" in base["supervised"]:
             baselines["supervised, same time"] = base["supervised"]["knn"]["top1"]
         r.figure(plots.knn_curve(metrics, baselines), "knn_curve", "kNN top-1 on the held-out split during training")
+    predictions = run_dir / "eval" / "predictions.csv"
+    if predictions.is_file():
+        n = max(0, len(predictions.read_text().splitlines()) - 1)
+        r.p(
+            f"`{display_path(predictions)}` labels the {n:,} unlabelled test images with the linear probe, in the "
+            "format of Kaggle's HAR submission (filename, label)."
+            if n
+            else f"`{display_path(predictions)}` is empty: this dataset has no unlabelled test images to label."
+        )
+    shown = {"teacher": "pre-trained", "random_init": "random init", "supervised": "supervised, same time"}
+    files = {k: run_dir / "eval" / f for k, f in m.get("feature_files", {}).items() if k in shown}
+    if files and all(f.is_file() for f in files.values()):
+        vals = {shown[k]: torch.load(f, weights_only=True)["val"] for k, f in files.items()}
+        data = {k: (v["features"]["cls"].float().numpy(), v["labels"].numpy()) for k, v in vals.items()}
+        r.figure(plots.feature_space(data, m["classes"]), "feature_space", "PCA of the held-out CLS features by class")
+    failures = run_dir / "eval" / "failures.pt"
+    if failures.is_file():
+        f = torch.load(failures, weights_only=True)
+        titles = [f"{t} → {p}\n{c:.0%}" for t, p, c in zip(f["true"], f["predicted"], f["confidence"], strict=True)]
+        fig = plots.image_grid(list(f["images"].numpy()), titles, ncols=6, size=1.6)
+        r.figure(fig, "failure_cases", "The held-out images the linear probe gets most confidently wrong (true → "
+                 "predicted, the probe's probability)")  # fmt: skip
     per_class_csv, confusion = run_dir / "eval" / "per_class.csv", run_dir / "eval" / "confusion.npy"
     if per_class_csv.is_file() and confusion.is_file():
         import pandas as pd
@@ -209,13 +267,29 @@ def _attention_section(r: Document, run_dir: Path) -> None:
         r.figure(pca_figure(data), "patch_pca", "PCA of patch features (DINOv2 Fig. 1 style): pre-trained vs random")
 
 
-def _bench_section(r: Document, bench_dir: Path) -> None:
+def bench_files_for(files: list[Path], device: str, preset: str) -> tuple[list[Path], list[Path]]:
+    """The speed-study files of this run's device (those named after its preset, if any), and the rest."""
+    ours = [f for f in files if (json.loads(f.read_text()) or [{}])[0].get("device") == device]
+    named = [f for f in ours if preset and preset in f.stem]
+    chosen = named or ours
+    return chosen, [f for f in files if f not in chosen]
+
+
+def _bench_section(r: Document, bench_dir: Path, run_dir: Path) -> None:
     r.h3("FlashAttention on vs off")
     files = sorted(bench_dir.glob("*.json")) if bench_dir.is_dir() else []
-    if not files:
-        r.missing("speed-study results", "dinokit bench (CPU) or bash benchmarks/gpu_speed_study.sh (GPU)")
+    info = run_info(run_dir) or {}
+    device = info.get("device_name", "")
+    chosen, others = bench_files_for(files, device, info.get("preset", "")) if device else (files, [])
+    if others:
+        r.p("Other speed results, for other devices or profiles: " + ", ".join(f"`{f.name}`" for f in others) + ".")
+    if not chosen:
+        r.missing(
+            f"speed-study results on this run's device ({device or 'unknown'})",
+            "dinokit bench (CPU) or bash benchmarks/gpu_speed_study.sh (GPU)",
+        )
         return
-    for f in files:
+    for f in chosen:
         rows = json.loads(f.read_text())
         device = rows[0]["device"] if rows else "?"
         r.p(f"`{f.name}`: {device}, torch {rows[0]['torch'] if rows else '?'}.")
@@ -286,7 +360,7 @@ def build_report(
     r.student("results_accuracy", PROMPTS["results_accuracy"])
     _attention_section(r, run_dir)
     r.student("results_attention", PROMPTS["results_attention"])
-    _bench_section(r, bench_dir)
+    _bench_section(r, bench_dir, run_dir)
     r.student("results_speed", PROMPTS["results_speed"])
     r.h2("5. Discussion")
     r.student("discussion", PROMPTS["discussion"])

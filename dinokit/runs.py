@@ -32,6 +32,7 @@ from dinokit.data.source import data_tag
 
 CONFIG, RUN_INFO, SPLIT, METRICS, LOG = "config.json", "run_info.json", "split.csv", "metrics.jsonl", "train.log"
 CHECKPOINT, TEACHER, SNAPSHOTS = "checkpoint.pt", "teacher_backbone.pt", "snapshots"
+CROPS_EXAMPLE = "crops_example.pt"  # one image's multi-crop views, for the report
 
 
 class RunError(ValueError):

@@ -189,3 +189,14 @@ def test_default_batch_and_workers_suit_the_device() -> None:
     assert default_batch_size(cuda) == 256 and default_batch_size(cpu) == 128
     assert [default_num_workers(cuda, n) for n in (1, 2, 16, 64)] == [0, 1, 8, 8]
     assert default_num_workers(cpu, 2) == default_num_workers(cpu, 16) == 0
+
+
+def test_most_confident_mistakes_by_hand() -> None:
+    from dinokit.eval.failures import most_confident_mistakes
+
+    truth = np.array([0, 1, 2, 0, 1])
+    predicted = np.array([0, 2, 2, 1, 0])  # wrong at 1, 3, 4
+    confidence = np.array([0.99, 0.40, 0.95, 0.80, 0.80])
+    assert most_confident_mistakes(truth, predicted, confidence, 2) == [3, 4]  # ties keep their order
+    assert most_confident_mistakes(truth, predicted, confidence, 10) == [3, 4, 1]
+    assert most_confident_mistakes(truth, truth, confidence, 10) == []

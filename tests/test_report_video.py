@@ -1,15 +1,19 @@
 """``make report`` / ``make video`` read saved artifacts only, and degrade when some are missing."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 
+from dinokit.ablations import ablation_dir
 from dinokit.config import make_config
+from dinokit.device import is_cpu_name
 from dinokit.eval.run_eval import evaluate_run
-from dinokit.report import build_report, display_path
+from dinokit.report import bench_files_for, build_report, display_path
 from dinokit.train.loop import pretrain
+from dinokit.viz import plots
 from dinokit.viz.attention_run import compute_run_attention
 from dinokit.viz.video import build_video, probe
 
@@ -20,6 +24,7 @@ def full_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     mp = pytest.MonkeyPatch()
     mp.setenv("DINOKIT_DATA_DIR", str(tmp / "data"))
     mp.setenv("DINOKIT_REPORT", str(tmp / "report"))
+    mp.setenv("DINOKIT_RUNS", str(tmp / "runs"))
     mp.delenv("DINOKIT_DATA", raising=False)
     run = tmp / "run"
     pretrain(make_config("ci", {"train.knn_every_epochs": 1}), out_dir=run)
@@ -27,12 +32,19 @@ def full_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     compute_run_attention(run, n_images=4)
     (tmp / "report" / "bench").mkdir(parents=True)
     common = {"mode": "inference", "arch": "vit_pico", "patch": 8, "img_size": 32, "tokens": 17, "batch": 2,
-              "dtype": "fp32", "peak_mem_mb": 100.0, "memory_ratio": 1.0, "status": "ok", "device": "test cpu",
-              "torch": "x"}  # fmt: skip
+              "dtype": "fp32", "peak_mem_mb": 100.0, "memory_ratio": 1.0, "status": "ok",
+              "device": json.loads((run / "run_info.json").read_text())["device_name"], "torch": "x"}  # fmt: skip
     rows = [
         {**common, "backend": b, "images_per_s": s, "speedup": s / 10} for b, s in (("naive", 10.0), ("sdpa", 20.0))
     ]
     (tmp / "report" / "bench" / "cpu.json").write_text(json.dumps(rows))
+    for name, knn in (("full DINOv2", 30.0), ("no local crops", 25.0)):  # two finished ablation variants
+        folder = ablation_dir("ci", name)
+        folder.mkdir(parents=True)
+        (folder / "metrics.jsonl").write_text("".join(json.dumps({"iteration": i, "knn_top1": knn + i}) + "\n"
+                                                      for i in (1, 2)))  # fmt: skip
+    gpu = [{**row, "device": "NVIDIA H200"} for row in rows]  # another device's results: named, not shown
+    (tmp / "report" / "bench" / "gpu-NVIDIA-H200.json").write_text(json.dumps(gpu))
     yield run
     mp.undo()
 
@@ -44,7 +56,10 @@ def test_report_from_artifacts_is_complete_and_deterministic(full_run: Path) -> 
     for section in ("Dataset and split", "Training curves", "held-out split", "FlashAttention", "Attention maps"):
         assert section in md
     assert "Missing" not in md
-    for fig in ("training_curves", "per_class_confusion", "attention_maps", "bench_cpu"):
+    # the text follows the data used (the embedded set, not HAR), the speed section this device only
+    assert "12,600" not in md and "predictions.csv" in md
+    assert "`gpu-NVIDIA-H200.json`" in md and not (out / "figures" / "bench_gpu-NVIDIA-H200.png").exists()
+    for fig in ("training_curves", "per_class_confusion", "attention_maps", "bench_cpu", "failure_cases"):
         assert (out / "figures" / f"{fig}.png").is_file() and (out / "figures" / f"{fig}.pdf").is_file()
     assert "data:image/png;base64," in html.read_text()  # self-contained
     first = html.read_text()
@@ -105,3 +120,82 @@ def test_report_links_the_executed_notebooks(full_run: Path, tmp_path: Path) -> 
     md = (out / "report.md").read_text()
     assert "[01_data_prep](notebooks/01_data_prep.html)" in md and "notebooks/04_linear_evaluation.html" in md
     assert "05_flashattention_speed" not in md  # only the notebooks that were executed
+
+
+@pytest.mark.parametrize(
+    ("name", "cpu"),
+    [
+        ("AMD EPYC (2 cores)", True),
+        ("Intel(R) Xeon(R) (16 cores)", True),
+        ("NVIDIA H200", False),
+        ("Tesla T4", False),
+    ],  # fmt: skip
+)
+def test_device_names_say_cpu_or_gpu(name: str, cpu: bool) -> None:
+    assert is_cpu_name(name) is cpu
+
+
+def test_bench_files_are_this_device_and_profile(tmp_path: Path) -> None:
+    def write(name: str, device: str) -> Path:
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps([{"device": device}]))
+        return path
+
+    demo, quick, live = write("cpu-demo", "EPYC (2 cores)"), write("cpu-quick", "EPYC (2 cores)"), write("live-ci", "X")
+    h200 = write("gpu-NVIDIA-H200", "NVIDIA H200")
+    files = [demo, quick, live, h200]
+    assert bench_files_for(files, "EPYC (2 cores)", "cpu-demo") == ([demo], [quick, live, h200])
+    assert bench_files_for(files, "EPYC (2 cores)", "har-vits8") == ([demo, quick], [live, h200])
+    assert bench_files_for(files, "Tesla T4", "har-vits8") == ([], files)
+
+
+def test_single_shape_comparisons_are_bars_and_memory_names_the_device() -> None:
+    row = {"mode": "train", "backend": "sdpa", "dtype": "bf16", "tokens": 785, "batch": 64, "speedup": 1.4,
+           "memory_ratio": 0.6}  # fmt: skip
+    gpu = plots.speedup_vs_tokens(
+        [{**row, "device": "NVIDIA H200"}, {**row, "mode": "inference", "device": "NVIDIA H200"}]
+    )
+    assert len(gpu.axes[0].patches) == 2 and gpu.axes[0].get_xscale() == "linear"  # bars, not lone points
+    assert "GPU" in gpu.axes[1].get_title()
+    sweep = [{**row, "tokens": t, "device": "EPYC (2 cores)"} for t in (145, 785)]
+    cpu = plots.speedup_vs_tokens(sweep)
+    assert not cpu.axes[0].patches and cpu.axes[0].get_xscale() == "log" and "CPU" in cpu.axes[1].get_title()
+
+
+# What each notebook says it feeds the report ("**Feeds the report:** ..."), and where it is: a figure
+# file, or text in report.md. A claim a notebook makes that is in neither list fails the test.
+FIGURES = {
+    "class histogram": "class_histogram", "crops figure": "crops", "training curves": "training_curves",
+    "kNN curve": "knn_curve", "ablations": "ablations",
+    "per-class accuracy and confusion matrix": "per_class_confusion",
+    "feature-space figure": "feature_space", "speed-up table and figure": "bench_cpu", "maps": "attention_maps",
+    "Jaccard curve": "attention_jaccard", "patch PCA": "patch_pca",
+}  # fmt: skip
+TEXT = {"split table and sha256": "sha256", "accuracy table": "kNN top-1", "training set-up": "optimisation"}
+NOT_FIGURES = ("explain each term", "figures here are yours", "`make report` reads")
+
+
+def _claims(notebook: Path) -> list[str]:
+    cells = json.loads(notebook.read_text())["cells"]
+    line = next(ln for c in cells for ln in "".join(c["source"]).splitlines() if "**Feeds the report:**" in ln)
+    items = []
+    for group in re.findall(r"\(([^()]*)\)", line):
+        group = re.sub(r"^\*[^*]+\*:\s*", "", group)  # "*Results*: training curves" -> "training curves"
+        items += [re.sub(r"^(the |and )+", "", x.strip()) for x in re.split(r"[,;]| and (?=the )", group)]
+    return [x for x in items if x and not any(x.startswith(n) for n in NOT_FIGURES)]
+
+
+def test_every_figure_a_notebook_promises_is_in_the_report(full_run: Path) -> None:
+    out = full_run.parent / "report"
+    build_report(full_run, out)
+    md = (out / "report.md").read_text()
+    notebooks = sorted((Path(__file__).parents[1] / "notebooks").glob("0*.ipynb"))
+    claims = {nb.stem: _claims(nb) for nb in notebooks}
+    assert sum(len(c) for c in claims.values()) >= 12, claims
+    for nb, items in claims.items():
+        for item in items:
+            if item in FIGURES:
+                assert (out / "figures" / f"{FIGURES[item]}.png").is_file(), (nb, item)
+            else:
+                assert item in TEXT, f"{nb} promises {item!r}: add where the report shows it"
+                assert TEXT[item] in md, (nb, item)

@@ -30,6 +30,7 @@ class ProbeResult:
     per_class: list[float]  # held-out accuracy per class, %
     confusion: np.ndarray  # (n_classes, n_classes), rows = true class
     predictions: np.ndarray  # held-out predicted labels
+    confidence: np.ndarray  # the probe's softmax probability of each held-out prediction
     weight: torch.Tensor  # the chosen head, for predictions on other images
     bias: torch.Tensor
     mean: torch.Tensor  # feature standardisation learned on train
@@ -118,7 +119,9 @@ def linear_probe(
     selection_top1, kind, lr = best
     mean, std = _standardise(train[kind])
     w, b = train_heads((train[kind] - mean) / std, train_labels, n_classes, [lr], epochs, seed=seed)
-    result = ProbeResult(kind, lr, selection_top1, 0.0, 0.0, 0.0, [], np.zeros(0), np.zeros(0), w[0], b[0], mean, std)
+    result = ProbeResult(
+        kind, lr, selection_top1, 0.0, 0.0, 0.0, [], np.zeros(0), np.zeros(0), np.zeros(0), w[0], b[0], mean, std
+    )
     logits = result.predict(test[kind])
     pred = logits.argmax(-1).numpy()
     truth = test_labels.numpy()
@@ -129,4 +132,5 @@ def linear_probe(
     totals = result.confusion.sum(1)
     result.per_class = [100.0 * result.confusion[c, c] / t if t else float("nan") for c, t in enumerate(totals)]
     result.predictions = pred
+    result.confidence = logits.softmax(-1).max(-1).values.numpy()
     return result

@@ -25,6 +25,7 @@ from dinokit.data.images import load_rgb
 from dinokit.data.source import prepare_split, resolve_data_root
 from dinokit.data.split import Split
 from dinokit.device import device_kind, resolve_device
+from dinokit.eval.failures import save_failures
 from dinokit.eval.features import FEATURE_KINDS, extract_features
 from dinokit.eval.jaccard import attention_jaccard, pca_jaccard, silhouettes_of
 from dinokit.eval.knn import knn_accuracy
@@ -271,12 +272,13 @@ def _write_outputs(out_dir: Path, metrics: dict, probe, split: Split, feats: dic
         for c, name in enumerate(split.classes):
             writer.writerow([name, int(probe.confusion[c].sum()), f"{probe.per_class[c]:.2f}"])
     val_idx = feats["val"]["indices"].tolist()
+    save_failures(out_dir, split, val_idx, probe.predictions, probe.confidence)
     with (out_dir / "val_predictions.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["filename", "label", "predicted"])
-        for i, pred in zip(val_idx, probe.predictions, strict=True):
+        writer.writerow(["filename", "label", "predicted", "confidence"])
+        for i, pred, conf in zip(val_idx, probe.predictions, probe.confidence, strict=True):
             rec = split.val[i]
-            writer.writerow([rec.name, split.classes[rec.label], split.classes[int(pred)]])
+            writer.writerow([rec.name, split.classes[rec.label], split.classes[int(pred)], f"{conf:.4f}"])
     test = feats["test"]
     with (out_dir / "predictions.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)

@@ -45,7 +45,7 @@ from dinokit.train.services import (
     setup_logging,
     truncate_metrics,
 )  # fmt: skip
-from dinokit.train.setup import TrainData, TrainParts, build_data, build_parts, restore
+from dinokit.train.setup import TrainData, TrainParts, build_data, build_parts, restore, write_crops_example
 from dinokit.train.step import train_step
 
 log = logging.getLogger("dinokit.train")
@@ -258,6 +258,7 @@ def _write_run_record(cfg, data, parts, run_dir, precision, device, dist_info, t
             previous = runs.run_info(run_dir)
             info.update({k: previous[k] for k in ("time_budget", "train_seconds") if k in previous})
         (run_dir / runs.RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        write_crops_example(cfg, data.records, run_dir / runs.CROPS_EXAMPLE)
         metrics_path = run_dir / runs.METRICS
         truncate_metrics(metrics_path, start)
         if budget is not None and budget.knn is not None:  # the untrained teacher, measured while timing

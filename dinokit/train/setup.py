@@ -19,6 +19,7 @@ from dinokit import runs
 from dinokit.config import Config
 from dinokit.data.batch_crops import choose_augment_on, device_augmentation
 from dinokit.data.crops import MultiCrop
+from dinokit.data.images import BadImage, load_rgb
 from dinokit.data.loader import EpochSampler, MultiCropCollate, MultiCropDataset
 from dinokit.data.source import prepare_split, resolve_data_root
 from dinokit.data.split import Split
@@ -147,3 +148,20 @@ def restore(parts: TrainParts, ckpt_path: Path) -> int:
     parts.scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
     return int(state["iteration"])
+
+
+def write_crops_example(cfg: Config, records: list, path: Path) -> None:
+    """The recipe's crops of the first readable pre-training image (seeded), for the report's figure."""
+    c = cfg.crops
+    crops = MultiCrop(c.global_size, c.local_size, c.n_local, c.global_scale, c.local_scale, c.blur_p, c.blur_sigma)
+    for record in records[:10]:
+        try:
+            image = load_rgb(record.source)
+        except BadImage:
+            continue
+        with torch.random.fork_rng(devices=[]):  # the run's own random stream stays untouched
+            torch.manual_seed(cfg.train.seed)
+            views = crops(image)
+        local = torch.stack(views["local"]) if views["local"] else torch.empty(0, 3, c.local_size, c.local_size)
+        runs.save_atomic({"global": torch.stack(views["global"]), "local": local, "name": record.name}, path)
+        return

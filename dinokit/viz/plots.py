@@ -10,6 +10,7 @@ import torch
 from matplotlib.figure import Figure
 
 from dinokit.data.crops import denormalize
+from dinokit.device import is_cpu_name
 
 
 def class_histogram(counts: Mapping[str, int], title: str = "images per class") -> Figure:
@@ -90,8 +91,9 @@ def _series(metrics: Sequence[Mapping], key: str) -> tuple[np.ndarray, np.ndarra
     return x, y
 
 
-def training_curves(metrics: Sequence[Mapping]) -> Figure:
-    """Loss terms, collapse monitor, schedules and kNN accuracy of one run, from metrics.jsonl."""
+def training_curves(metrics: Sequence[Mapping], n_prototypes: int | None = None) -> Figure:
+    """Loss terms, collapse monitor (with log K, the value either monitor reaches at collapse, when
+    ``n_prototypes`` is given), schedules and kNN accuracy of one run, from metrics.jsonl."""
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.4))
     for key in ("loss_dino", "loss_ibot", "loss_koleo"):
         x, y = _series(metrics, key)
@@ -102,6 +104,8 @@ def training_curves(metrics: Sequence[Mapping]) -> Figure:
     for key, label in (("teacher_entropy", "entropy of targets"), ("teacher_kl_uniform", "KL(mean target ‖ uniform)")):
         x, y = _series(metrics, key)
         axes[1].plot(x, y, label=label)
+    if n_prototypes:
+        axes[1].axhline(np.log(n_prototypes), color="gray", linestyle=":", label=f"log K (K = {n_prototypes})")
     axes[1].set_title("collapse monitor (nats)")
     axes[1].legend(fontsize=8)
     x, lr = _series(metrics, "lr")
@@ -153,7 +157,8 @@ def speedup_vs_tokens(rows: Sequence[Mapping], title: str = "FlashAttention spee
     """Speed-up (and memory ratio where measured) against the number of tokens.
 
     One line per (mode, backend, dtype); each point is labelled with its batch size where a line
-    mixes batch sizes, because on a CPU the naive path's cost depends on the batch too.
+    mixes batch sizes, because on a CPU the naive path's cost depends on the batch too. Where every
+    comparison has one shape only, a line would be a lone point: bars instead.
     """
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     groups: dict[tuple, list[Mapping]] = {}
@@ -161,6 +166,27 @@ def speedup_vs_tokens(rows: Sequence[Mapping], title: str = "FlashAttention spee
         if r.get("speedup") and r.get("backend", "sdpa") != "naive":
             key = (r.get("mode", "attention op"), r.get("backend", "sdpa"), r.get("dtype", "fp32"))
             groups.setdefault(key, []).append(r)
+    single_shape = all(len({(r["tokens"], r.get("batch", 1)) for r in g}) == 1 for g in groups.values())
+    if single_shape:
+        _speedup_bars(axes, groups)
+    else:
+        _speedup_lines(axes, groups)
+    axes[0].axhline(1.0, color="gray", linestyle=":")
+    axes[0].set_ylabel("speed-up (x)")
+    axes[1].set_ylabel("peak memory, on / off")
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    devices = {r.get("device", "") for r in rows}
+    on_cpu = bool(devices) and all(is_cpu_name(d) for d in devices)
+    axes[0].set_title(title, fontsize=10)
+    memory = "CPU: peak RSS of the whole process" if on_cpu else "GPU: peak allocated memory"
+    axes[1].set_title(f"memory ratio ({memory})", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _speedup_lines(axes, groups: dict[tuple, list[Mapping]]) -> None:
     for (mode, backend, dtype), group in sorted(groups.items()):
         group = sorted(group, key=lambda r: (r["tokens"], r.get("batch", 1)))
         label = f"{mode} · {backend} · {dtype}"
@@ -174,16 +200,37 @@ def speedup_vs_tokens(rows: Sequence[Mapping], title: str = "FlashAttention spee
                 for r in pts:
                     ax.annotate(f"b{r.get('batch', 1)}", (r["tokens"], r[key]), xytext=(4, 2),
                                 textcoords="offset points", fontsize=7, color=line.get_color())  # fmt: skip
-    axes[0].axhline(1.0, color="gray", linestyle=":")
-    axes[0].set_ylabel("speed-up (x)")
-    axes[1].set_ylabel("peak memory, on / off")
     for ax in axes:
         ax.set_xlabel("tokens per image")
         ax.set_xscale("log")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    axes[0].set_title(title, fontsize=10)
-    axes[1].set_title("memory ratio (CPU: peak RSS of the whole process)", fontsize=10)
+
+
+def _speedup_bars(axes, groups: dict[tuple, list[Mapping]]) -> None:
+    """One bar per (mode, backend, dtype), each at its single shape."""
+    keys = sorted(groups)
+    labels = [f"{mode}\n{backend} · {dtype}\n{groups[k][0]['tokens']} tok, b{groups[k][0].get('batch', 1)}"
+              for k in keys for mode, backend, dtype in [k]]  # fmt: skip
+    for ax, key in ((axes[0], "speedup"), (axes[1], "memory_ratio")):
+        values = [groups[k][0].get(key) or 0.0 for k in keys]
+        ax.bar(range(len(keys)), values, color="#4c72b0")
+        ax.set_xticks(range(len(keys)), labels, fontsize=7)
+
+
+def feature_space(features: Mapping[str, tuple[np.ndarray, np.ndarray]], classes: Sequence[str]) -> Figure:
+    """PCA of held-out CLS features, one panel per model (``{title: (features (N, D), labels (N,))}``),
+    coloured by class: classes that form their own clouds are the ones a linear probe separates."""
+    from sklearn.decomposition import PCA
+
+    fig, axes = plt.subplots(1, len(features), figsize=(5.2 * len(features), 4.6), squeeze=False)
+    for ax, (title, (x, labels)) in zip(axes[0], features.items(), strict=False):
+        pca = PCA(n_components=2).fit(x)
+        xy = pca.transform(x)
+        for c, name in enumerate(classes):
+            ax.scatter(xy[labels == c, 0], xy[labels == c, 1], s=6, color=plt.cm.tab20(c % 20), label=name)
+        ax.set_xlabel(f"PC 1 ({100 * pca.explained_variance_ratio_[0]:.0f} % of variance)")
+        ax.set_ylabel(f"PC 2 ({100 * pca.explained_variance_ratio_[1]:.0f} % of variance)")
+        ax.set_title(f"{title}: held-out CLS features")
+    axes[0, -1].legend(fontsize=7, markerscale=2, loc="center left", bbox_to_anchor=(1.0, 0.5), title="class")
     fig.tight_layout()
     return fig
 
