@@ -19,9 +19,11 @@ code in it ever runs.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import torch
@@ -37,6 +39,10 @@ CROPS_EXAMPLE = "crops_example.pt"  # one image's multi-crop views, for the repo
 
 class RunError(ValueError):
     """A run folder cannot be used as asked; the message says what to do."""
+
+
+class DiskFullError(RunError):
+    """The disk filled up while a file was written; the previous version of that file is intact."""
 
 
 class CheckpointError(RunError):
@@ -63,11 +69,31 @@ def save_atomic(obj: object, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        torch.save(obj, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except (OSError, RuntimeError) as exc:  # torch's zip writer reports a failed write as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        if _disk_full(exc, path.parent):
+            raise DiskFullError(
+                f"the disk is full: {path} could not be written"
+                + (f" (the previous {path.name} is intact)" if path.exists() else "")
+                + f". Free some space under {path.parent} (old runs, data/cache), or point DINOKIT_RUNS or --out "
+                "at a larger disk, then run the same command again with --resume."
+            ) from exc
+        raise
     os.replace(tmp, path)
+
+
+def _disk_full(exc: BaseException, folder: Path) -> bool:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:  # a failed write reported without its errno: say "full" only if the disk really is nearly full
+        return shutil.disk_usage(folder).free < 64 * 2**20
+    except OSError:
+        return False
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:

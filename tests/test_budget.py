@@ -45,6 +45,16 @@ def test_the_budget_is_a_ceiling_on_the_recipes_epochs() -> None:
     assert epochs_that_fit(1e6, 1.0, 0.0, 10, 1, max_epochs=4) == 4
 
 
+def test_a_budget_too_short_for_one_epoch_says_the_minimum() -> None:
+    """One epoch: 10 steps of 1 s + a 5 s kNN check + 2 final saves of 0.5 s, after 3 s of timing = 19 s."""
+    choice = BudgetChoice(0.2, 1.0, 5.0, 0.5, 3.0, iters_per_epoch=10, knn_every_epochs=1, checkpoint_every=1 << 30,
+                          epochs=1, max_epochs=4)  # fmt: skip
+    assert choice.minimum_minutes() == pytest.approx(19 / 60)
+    assert choice.too_short and "set train.time_budget_min to at least 0.3" in choice.why()
+    enough = BudgetChoice(0.32, 1.0, 5.0, 0.5, 3.0, 10, 1, 1 << 30, epochs=1, max_epochs=4)
+    assert not enough.too_short and "1 of the recipe's 4 epochs" in enough.why()
+
+
 @pytest.mark.slow
 def test_a_budgeted_run_times_itself_and_records_the_choice(env: Path) -> None:
     tmp_path = env

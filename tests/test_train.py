@@ -186,3 +186,26 @@ def test_epoch_length_decouples_schedule_epochs_from_passes_over_the_data(env: P
     # ci's 1-epoch warm-up takes `length` iterations: 0 ... peak at `length - 1` (DINO's linspace), then the cosine
     assert lrs.index(max(lrs)) == length - 1 and lrs[length] == pytest.approx(max(lrs)) and lrs[length + 1] < max(lrs)
     assert [m["epoch"] for m in steps] == [i // length for i in range(len(steps))]  # step i is in epoch i // length
+
+
+def test_a_full_disk_while_checkpointing_says_so_and_keeps_the_last_checkpoint(env: Path, monkeypatch) -> None:
+    import errno
+
+    import dinokit.runs as runs_module
+
+    real, writes = torch.save, []
+
+    def disk_fills_up(obj, handle, *args, **kwargs):
+        if ".checkpoint.pt.tmp" in str(getattr(handle, "name", "")):
+            writes.append(1)
+            if len(writes) == 2:  # the second checkpoint hits a full disk, halfway through
+                handle.write(b"half a checkpoint")
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, handle, *args, **kwargs)
+
+    monkeypatch.setattr(runs_module.torch, "save", disk_fills_up)
+    run = env / "r"
+    with pytest.raises(runs_module.DiskFullError, match=r"disk is full.*previous checkpoint.pt is intact.*--resume"):
+        pretrain(_cfg(**{"train.checkpoint_every": 2, "train.max_iters": 6}), out_dir=run)
+    assert run_progress(run)[0] == 2  # the first checkpoint, untouched
+    assert not list(run.glob(".checkpoint.pt.tmp*"))  # no half-written file left behind

@@ -35,7 +35,22 @@ class BudgetChoice:
     def iterations(self) -> int:
         return self.epochs * self.iters_per_epoch
 
+    def minimum_minutes(self) -> float:
+        """The shortest budget that fits one epoch on this machine (timing included), in minutes."""
+        args = (self.step_s, self.knn_s, self.save_s, self.iters_per_epoch, self.knn_every_epochs)
+        return (self.calibration_s + run_seconds(1, *args, self.checkpoint_every)) / 60
+
+    @property
+    def too_short(self) -> bool:
+        return self.minutes < self.minimum_minutes()
+
     def why(self) -> str:
+        if self.too_short:
+            return (
+                f"time budget {self.minutes:g} min is too short for one epoch to fit on this machine (a step takes "
+                f"{self.step_s:.3f} s, {self.iters_per_epoch} per epoch): it trains 1 epoch anyway, about "
+                f"{self.minimum_minutes():.1f} min; set train.time_budget_min to at least {self.minimum_minutes():.1f}"
+            )
         fit = (
             f"all {self.epochs} epochs of the recipe ({self.iterations} iterations) fit"
             if self.epochs >= self.max_epochs

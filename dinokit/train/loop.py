@@ -168,7 +168,7 @@ def pretrain(
         total_iters = budget.iterations if not cfg.train.max_iters else min(cfg.train.max_iters, budget.iterations)
         if cfg.train.max_iters:  # written to config.json: a resume rebuilds the same schedules
             cfg.train.max_iters = total_iters
-        log.info(budget.why())
+        (log.warning if budget.too_short else log.info)(budget.why())
     schedules = build_schedules(cfg, data.iters_per_epoch, total_iters, data.global_batch)
     _write_run_record(cfg, data, parts, run_dir, precision, device, dist_info, total_iters, budget, resume, start_iter)
     return train_loop(cfg, data, parts, schedules, checkpointer, run_dir, device, precision, dist_info,
