@@ -3,13 +3,13 @@
 For each source size and crop recipe it draws ``--draws`` boxes with torchvision's
 ``RandomResizedCrop.get_params`` and reports:
 
-* upsampled: the share of crops cut from fewer pixels than they are resized to (the crop's
-  geometric-mean side in the image it is cut from, below the output side);
+* upsampled: the share of crops cut from fewer pixels than they are resized to (the crop's short
+  side, in the image it is cut from, below the output side);
 * effective px: that side capped at the output side, the detail the crop carries: its median and
   its 10th percentile.
 
 Geometries: ``source`` cuts boxes from the decoded image (the per-image pipeline); ``canvas N``
-first scales the image down to fit an N px square, then cuts the same boxes from that: 496 px is
+first scales the image down to fit an N px square, then cuts the same boxes from that: 576 px is
 the device path's canvas for this recipe (``dinokit.data.batch_crops.canvas_size``), 264 px the
 one it used before (``ceil(1.15 * 224 / 8) * 8``).
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -39,14 +38,14 @@ def canvas_size(global_size, global_scale, local_size, local_scale) -> int:
 
 
 def crop_sides(hw: tuple[int, int], scale: tuple[float, float], draws: int, canvas: int | None) -> np.ndarray:
-    """Geometric-mean side (px) of ``draws`` random boxes in the image the crops are cut from."""
+    """Short side (px) of ``draws`` random boxes in the image the crops are cut from."""
     h, w = hw
     if canvas is not None:
         factor = min(1.0, canvas / max(h, w))
         h, w = max(1, round(h * factor)), max(1, round(w * factor))
     image = torch.empty(3, h, w)
     boxes = [transforms.RandomResizedCrop.get_params(image, list(scale), [3 / 4, 4 / 3]) for _ in range(draws)]
-    return np.array([math.sqrt(bh * bw) for _, _, bh, bw in boxes])
+    return np.array([min(bh, bw) for _, _, bh, bw in boxes], dtype=np.float64)
 
 
 def measure(draws: int, seed: int = 0) -> list[dict]:

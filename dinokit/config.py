@@ -130,7 +130,7 @@ class TrainConfig:
     fsdp: bool = False
     grad_checkpointing: bool = False  # recompute each block in the backward: far less memory, ~30 % more time
     iters_per_epoch: int = 0  # iterations per pass over the data; 0: images // global batch
-    max_iters: int = 0  # 0: epochs * iters_per_epoch
+    max_iters: int = 0  # 0: optim.epochs * the epoch's iterations (optim.epoch_length, or one pass)
     # > 0: time a few steps first and train optim.epochs, or as many as fit in this many minutes
     # (steps, kNN checks, checkpoints) if fewer. The chosen optim.epochs is written to the run's
     # config.json (and this set to 0).

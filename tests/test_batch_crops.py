@@ -166,26 +166,27 @@ def test_augment_on_choice() -> None:
 
 
 def test_the_canvas_is_sized_from_the_recipe() -> None:
-    """out * sqrt((4/3) / min_scale), rounded up to 8: the local 96 px crop at 5 % decides for DINOv2."""
-    assert canvas_size(224, 96, (0.32, 1.0), (0.05, 0.32)) == 496  # 96 * sqrt(26.67) = 495.8
+    """out * (4/3) / sqrt(min_scale), rounded up to 8: the local 96 px crop at 5 % decides for DINOv2."""
+    assert canvas_size(224, 96, (0.32, 1.0), (0.05, 0.32)) == 576  # 96 * 4/3 / sqrt(0.05) = 572.4
+    assert canvas_size(224, 0, (0.32, 1.0), (0.05, 0.32)) == 528  # globals only: 224 * 4/3 / sqrt(0.32) = 528.0
     c = make_config("cpu-demo").crops
-    assert canvas_size(c.global_size, c.local_size, c.global_scale, c.local_scale) == 96  # 48 * sqrt(3.81) = 93.7
+    assert canvas_size(c.global_size, c.local_size, c.global_scale, c.local_scale) == 112  # 48 * 4/3 / sqrt(.35)
 
 
 @pytest.mark.parametrize("source", [(225, 300), (480, 640)])
 @pytest.mark.parametrize(("out", "scale"), [(224, (0.32, 1.0)), (96, (0.05, 0.32))])
 def test_no_crop_loses_resolution_to_the_canvas(source, out, scale) -> None:
-    """Crop scale and effective resolution of the canvas path equal the per-image path's (boxes cut
-    from the full-resolution image), draw for draw; the old 264 px canvas lost resolution on 640 px
-    photos (benchmarks/crop_resolution.py)."""
+    """The effective resolution (short side, capped at the output) of the canvas path's crops equals
+    the per-image path's (boxes cut from the full-resolution image), draw for draw; the old 264 px
+    canvas lost resolution on 640 px photos (benchmarks/crop_resolution.py)."""
     sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
     from crop_resolution import OLD_CANVAS, crop_sides
 
     def effective(canvas):
         torch.manual_seed(0)
-        return np.minimum(crop_sides(source, scale, 3000, canvas), out)
+        return np.minimum(crop_sides(source, scale, 1000, canvas), out)
 
     full, canvas = effective(None), effective(canvas_size(224, 96, (0.32, 1.0), (0.05, 0.32)))
-    assert (canvas >= full - 1).all()  # within a pixel (the boxes' rounding) of the full-resolution crop
+    assert (canvas >= full - 1).all()  # the short side, within a pixel (the boxes' rounding) of the full image's
     if source[1] > OLD_CANVAS:
         assert (effective(OLD_CANVAS) < full - 1).mean() > 0.4  # the old canvas lost detail on most crops

@@ -3,8 +3,8 @@
 The loader workers only decode: each image is scaled down (never up) to fit a square canvas,
 padded, and shipped as uint8 with its true size (:class:`DecodeToCanvas`). The canvas is sized
 from the crop recipe (:func:`canvas_size`) so that, for any source up to 4:3, even the smallest
-crop is cut from at least as many pixels as it is resized to: a crop is upsampled only where the
-per-image pipeline, cutting from the full-resolution image, upsamples it too
+crop is cut from at least as many pixels as it is resized to, along its short side: a crop is
+upsampled only where the per-image pipeline, cutting from the full-resolution image, upsamples it too
 (``benchmarks/crop_resolution.py``). On the device, :class:`BatchMultiCrop` draws every random
 parameter per sample and applies the same augmentations as the per-image pipeline
 (:mod:`dinokit.data.crops`), with the same distributions:
@@ -75,12 +75,13 @@ MAX_ASPECT = 4 / 3  # sources up to this aspect ratio never lose crop resolution
 def canvas_size(
     global_size: int, local_size: int, global_scale: tuple[float, float], local_scale: tuple[float, float]
 ) -> int:
-    """Canvas side (a multiple of 8) at which the smallest crop of either kind, from a source of
-    aspect up to 4:3 scaled to fit, still spans its output size: ``out * sqrt(aspect / min_scale)``.
-    DINOv2's recipe (224 @ 0.32, 96 @ 0.05) gives 496 px; ``cpu-demo``'s 96 px."""
-    need = max(
-        global_size * math.sqrt(MAX_ASPECT / global_scale[0]), local_size * math.sqrt(MAX_ASPECT / local_scale[0])
-    )
+    """Canvas side (a multiple of 8) at which even the smallest crop of either kind, from a source of
+    aspect up to 4:3 scaled to fit, spans its output size along its *short* side: such a source keeps
+    a short side of at least 3/4 of the canvas, and a crop of area fraction ``s`` and aspect up to 4:3
+    a short side of at least ``sqrt(s)`` times that, so ``out * (4/3) / sqrt(min_scale)``. DINOv2's
+    recipe (224 @ 0.32, 96 @ 0.05) gives 576 px, ``cpu-demo``'s 112 px. ``local_size=0``: globals only."""
+    sides = [(global_size, global_scale[0])] + ([(local_size, local_scale[0])] if local_size else [])
+    need = max(out * MAX_ASPECT / math.sqrt(scale) for out, scale in sides)
     return int(math.ceil(need / 8) * 8)
 
 
@@ -205,6 +206,6 @@ def device_augmentation(crops: CropConfig, n_local: int | None = None) -> tuple[
     """The loader's transform and the device's multi-crop for a crop recipe (``n_local`` overrides)."""
     c = crops
     n = c.n_local if n_local is None else n_local
-    canvas = canvas_size(c.global_size, c.local_size, c.global_scale, c.local_scale)
+    canvas = canvas_size(c.global_size, c.local_size if n else 0, c.global_scale, c.local_scale)
     augment = BatchMultiCrop(c.global_size, c.local_size, n, c.global_scale, c.local_scale, c.blur_p, c.blur_sigma)
     return DecodeToCanvas(canvas), augment

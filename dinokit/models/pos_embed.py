@@ -4,8 +4,8 @@ The released DINOv2 weights were trained (and are evaluated) with ``interpolate_
 ``dinov2/models/vision_transformer.py``: bicubic, no antialiasing, computed in fp32, and driven by a
 scale factor ``(new + 0.1) / old`` rather than by the target size. The 0.1 is a historical kludge
 (facebookresearch/dino issue #8) kept for compatibility: the output has the target size, but it
-samples the old grid at slightly different points than resizing to that size does (9-13 % apart on
-a smooth field at 28 -> 12 and 28 -> 6; ``tests/test_fidelity.py``).
+samples the old grid at slightly different points than resizing to that size does (2.4 % and 4.6 %
+apart in relative L2 norm on a smooth field at 28 -> 12 and 28 -> 6; ``tests/test_fidelity.py``).
 """
 
 from __future__ import annotations

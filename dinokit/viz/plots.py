@@ -211,7 +211,7 @@ def _speedup_bars(axes, groups: dict[tuple, list[Mapping]]) -> None:
     labels = [f"{mode}\n{backend} · {dtype}\n{groups[k][0]['tokens']} tok, b{groups[k][0].get('batch', 1)}"
               for k in keys for mode, backend, dtype in [k]]  # fmt: skip
     for ax, key in ((axes[0], "speedup"), (axes[1], "memory_ratio")):
-        values = [groups[k][0].get(key) or 0.0 for k in keys]
+        values = [groups[k][0].get(key) or float("nan") for k in keys]  # unmeasured: no bar, never a 0
         ax.bar(range(len(keys)), values, color="#4c72b0")
         ax.set_xticks(range(len(keys)), labels, fontsize=7)
 
