@@ -24,7 +24,7 @@ from dinokit.ablations import VARIANTS, ablation_dir, knn_curves  # noqa: E402
 from dinokit.runs import CROPS_EXAMPLE, profile_run_dir, read_metrics, run_info  # noqa: E402
 from dinokit.viz import plots  # noqa: E402
 from dinokit.viz.attention_plots import attention_figure, jaccard_figure, pca_figure, snapshots_figure  # noqa: E402
-from dinokit.viz.document import Document, student_text  # noqa: E402
+from dinokit.viz.document import Document, bench_files_for, student_text  # noqa: E402
 
 NOTEBOOKS = ("01_data_prep", "02_dino_loss_walkthrough", "03_dinov2_pretraining", "04_linear_evaluation",
              "05_flashattention_speed", "06_attention_maps")  # fmt: skip
@@ -275,14 +275,6 @@ def _attention_section(r: Document, run_dir: Path) -> None:
         r.figure(snapshots_figure(data), "attention_snapshots", "The same map across checkpoints")
     if "pca" in data:
         r.figure(pca_figure(data), "patch_pca", "PCA of patch features (DINOv2 Fig. 1 style): pre-trained vs random")
-
-
-def bench_files_for(files: list[Path], device: str, preset: str) -> tuple[list[Path], list[Path]]:
-    """The speed-study files of this run's device (those named after its preset, if any), and the rest."""
-    ours = [f for f in files if (json.loads(f.read_text()) or [{}])[0].get("device") == device]
-    named = [f for f in ours if preset and preset in f.stem]
-    chosen = named or ours
-    return chosen, [f for f in files if f not in chosen]
 
 
 def _bench_section(r: Document, bench_dir: Path, run_dir: Path) -> None:

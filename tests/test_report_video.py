@@ -11,10 +11,11 @@ from dinokit.ablations import ablation_dir
 from dinokit.config import make_config
 from dinokit.device import is_cpu_name
 from dinokit.eval.run_eval import evaluate_run
-from dinokit.report import bench_files_for, build_report, display_path
+from dinokit.report import build_report, display_path
 from dinokit.train.loop import pretrain
 from dinokit.viz import plots
 from dinokit.viz.attention_run import compute_run_attention
+from dinokit.viz.document import bench_files_for
 from dinokit.viz.video import build_video, probe
 
 
@@ -78,11 +79,22 @@ def test_report_says_what_is_missing(full_run: Path, tmp_path: Path) -> None:
     assert f"dinokit eval {shown}" in md and f"dinokit attention {shown}" in md and "dinokit bench" in md
 
 
-def test_video_plays(full_run: Path) -> None:
+def test_video_plays(full_run: Path, monkeypatch) -> None:
+    import dinokit.viz.video as video_module
+
+    cards, card = {}, video_module._card
+
+    def remember(title: str, lines=()):
+        cards[title] = list(lines)
+        return card(title, lines)
+
+    monkeypatch.setattr(video_module, "_card", remember)
     video = build_video(full_run, full_run.parent / "demo.mp4")
     assert video.suffix == ".mp4"
     info = probe(video)
     assert info["seconds"] >= 30 and info["frames"] >= 150
+    speed = cards["FlashAttention on vs off"]  # this run's device only, as the report
+    assert speed and not any("H200" in line for line in speed)
 
 
 def test_video_degrades_without_artifacts(full_run: Path, tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,3 +149,11 @@ def _inline(text: str) -> str:
     out = html.escape(text)
     out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
     return re.sub(r"(?<!\w)_([^_]+)_(?!\w)", r"<i>\1</i>", out)
+
+
+def bench_files_for(files: list[Path], device: str, preset: str) -> tuple[list[Path], list[Path]]:
+    """The speed-study files of this run's device (those named after its preset, if any), and the rest."""
+    ours = [f for f in files if (json.loads(f.read_text()) or [{}])[0].get("device") == device]
+    named = [f for f in ours if preset and preset in f.stem]
+    chosen = named or ours
+    return chosen, [f for f in files if f not in chosen]
