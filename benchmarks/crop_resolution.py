@@ -26,15 +26,11 @@ import numpy as np
 import torch
 from torchvision import transforms
 
+from dinokit.data.batch_crops import canvas_size
+
 RECIPES = {"global 224": (224, (0.32, 1.0)), "local 96": (96, (0.05, 0.32))}
 SOURCES = {"300 px (300x225)": (225, 300), "640 px (640x480)": (480, 640)}
 OLD_CANVAS = 264
-
-
-def canvas_size(global_size, global_scale, local_size, local_scale) -> int:
-    from dinokit.data.batch_crops import canvas_size as size
-
-    return size(global_size, local_size, global_scale, local_scale)
 
 
 def crop_sides(hw: tuple[int, int], scale: tuple[float, float], draws: int, canvas: int | None) -> np.ndarray:
@@ -52,7 +48,8 @@ def measure(draws: int, seed: int = 0) -> list[dict]:
     rows = []
     for source, hw in SOURCES.items():
         for recipe, (out, scale) in RECIPES.items():
-            new = canvas_size(*RECIPES["global 224"], *RECIPES["local 96"])
+            (g_out, g_scale), (l_out, l_scale) = RECIPES["global 224"], RECIPES["local 96"]
+            new = canvas_size(g_out, l_out, g_scale, l_scale)
             for geometry, canvas in (("source", None), (f"canvas {new}", new), (f"canvas {OLD_CANVAS}", OLD_CANVAS)):
                 torch.manual_seed(seed)
                 sides = crop_sides(hw, scale, draws, canvas)

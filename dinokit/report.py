@@ -43,10 +43,6 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{x:.1f}%"
 
 
-def info_dataset(run_dir: Path) -> str:
-    return (run_info(run_dir) or {}).get("dataset", "")
-
-
 def _pass_note(info: dict) -> str:
     """Say so when an "epoch" was not one pass over the data (``optim.epoch_length``)."""
     per_pass = info.get("iters_per_pass", info["iters_per_epoch"])
@@ -95,10 +91,14 @@ def _data_section(r: Document, run_dir: Path) -> None:
         return
     cfg = json.loads((run_dir / "config.json").read_text())
     counts = {"train": 0, "val": 0, "unlabeled": 0}
+    by_class: dict[str, int] = {}  # labelled images (train + held-out)
     split_csv = run_dir / "split.csv"
     if split_csv.is_file():
         for line in split_csv.read_text().splitlines()[1:]:
-            counts[line.split(",")[2]] += 1
+            label, side = line.split(",")[1:3]
+            counts[side] += 1
+            if side != "unlabeled":
+                by_class[label] = by_class.get(label, 0) + 1
     dataset = {"embedded": "the kit's embedded dataset", "har": "Kaggle Human Action Recognition (HAR)"}
     used = counts["unlabeled"] and cfg["data"]["use_unlabeled"]
     unlabeled = "the unlabelled test images too" if used else "no unlabelled images"
@@ -118,12 +118,6 @@ def _data_section(r: Document, run_dir: Path) -> None:
         "transductive choice: the model has seen the images it will later be asked to label (never their labels, "
         "and never the held-out images). Discuss whether that is fair for your use."
     )
-    by_class: dict[str, int] = {}
-    if split_csv.is_file():
-        for line in split_csv.read_text().splitlines()[1:]:
-            name, label, side = line.split(",")[:3]
-            if side != "unlabeled":
-                by_class[label] = by_class.get(label, 0) + 1
     if by_class:
         r.figure(plots.class_histogram(by_class, "labelled images per class (train + held-out)"), "class_histogram",
                  "Labelled images per class")  # fmt: skip
@@ -154,9 +148,8 @@ def _training_section(r: Document, run_dir: Path) -> None:
 def _ablation_figure(r: Document, preset: str) -> None:
     """Notebook 03's ablations (short runs on the embedded data), where they have been trained."""
     short = "ci" if preset == "ci" else "cpu-demo"
-    done = {
-        name: ablation_dir(short, name) for name in VARIANTS if (ablation_dir(short, name) / "metrics.jsonl").is_file()
-    }
+    folders = {name: ablation_dir(short, name) for name in VARIANTS}
+    done = {name: folder for name, folder in folders.items() if (folder / "metrics.jsonl").is_file()}
     curves = {name: points for name, points in knn_curves(done).items() if points}
     if not curves:
         r.p(f"No ablations trained yet: notebook 03's ablation cell trains them (`{short}` short runs).")
@@ -260,7 +253,7 @@ def _attention_section(r: Document, run_dir: Path) -> None:
                 + (
                     " Random init comes this close because its features follow pixel intensity, and the embedded "
                     "figures are darker than their backgrounds: a mask that needs no learning."
-                    if close and info_dataset(run_dir) == "embedded"
+                    if close and (run_info(run_dir) or {}).get("dataset") == "embedded"
                     else ""
                 )
             )

@@ -33,11 +33,6 @@ BLUR_KERNEL = 9  # px, at every crop size (dinov2/data/transforms.py)
 BLUR_SIGMA = (0.1, 2.0)
 
 
-def random_resized_crop(size: int, scale: tuple[float, float]) -> v2.RandomResizedCrop:
-    """Cut at source resolution, then resized bicubically with antialiasing: the official geometry."""
-    return v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC)
-
-
 def _blur(p: float, sigma: tuple[float, float]) -> v2.Transform:
     return v2.RandomApply([v2.GaussianBlur(BLUR_KERNEL, sigma=sigma)], p=p)
 
@@ -65,7 +60,8 @@ class MultiCrop:
         blur_p: tuple[float, float, float] = BLUR_P,
         blur_sigma: tuple[float, float] = BLUR_SIGMA,
     ) -> None:
-        crop_g, crop_l = random_resized_crop(global_size, global_scale), random_resized_crop(local_size, local_scale)
+        crop_g = v2.RandomResizedCrop(global_size, scale=global_scale, interpolation=v2.InterpolationMode.BICUBIC)
+        crop_l = v2.RandomResizedCrop(local_size, scale=local_scale, interpolation=v2.InterpolationMode.BICUBIC)
         p1, p2, p_local = blur_p
         self.global1 = v2.Compose([crop_g, _colour(), _blur(p1, blur_sigma), _normalize()])
         self.global2 = v2.Compose(

@@ -50,6 +50,18 @@ def jaccard(attention_mask: torch.Tensor, figure: torch.Tensor) -> torch.Tensor:
     return inter / union.clamp(min=1)
 
 
+def _whole_images(records: Sequence[Record], silhouettes: Sequence[Path], size: int, patch: int):
+    """Images resized whole (:func:`fit_to_patches`) and their silhouettes; unreadable images skipped."""
+    images, masks = [], []
+    for rec, sil in zip(records, silhouettes, strict=True):
+        try:
+            images.append(fit_to_patches(load_rgb(rec.source), size, patch))
+        except BadImage:
+            continue
+        masks.append(silhouette_at(sil, size))
+    return images, masks
+
+
 @torch.no_grad()
 def attention_jaccard(
     backbone: VisionTransformer,
@@ -66,13 +78,8 @@ def attention_jaccard(
     size = max(patch, size - size % patch)
     per_head: list[torch.Tensor] = []
     for start in range(0, len(records), batch_size):
-        images, masks = [], []
-        for rec, sil in zip(records[start : start + batch_size], silhouettes[start : start + batch_size], strict=True):
-            try:
-                images.append(fit_to_patches(load_rgb(rec.source), size, patch))
-            except BadImage:
-                continue
-            masks.append(silhouette_at(sil, size))
+        end = start + batch_size
+        images, masks = _whole_images(records[start:end], silhouettes[start:end], size, patch)
         if not images:
             continue
         maps = cls_attention(backbone.eval(), torch.stack(images))  # (B, H, gh, gw)
@@ -88,17 +95,6 @@ def attention_jaccard(
     return {"best": heads[best], "best_head": best, "heads": heads, "head_mean": head_mean}
 
 
-def _whole_images(records: Sequence[Record], silhouettes: Sequence[Path], size: int, patch: int):
-    images, masks = [], []
-    for rec, sil in zip(records, silhouettes, strict=True):
-        try:
-            images.append(fit_to_patches(load_rgb(rec.source), size, patch))
-        except BadImage:
-            continue
-        masks.append(silhouette_at(sil, size))
-    return images, masks
-
-
 @torch.no_grad()
 def pca_jaccard(
     backbone: VisionTransformer, records: Sequence[Record], silhouettes: Sequence[Path], size: int, group: int = 8
@@ -108,13 +104,13 @@ def pca_jaccard(
     :func:`attention_jaccard`."""
     patch = backbone.patch_size
     size = max(patch, size - size % patch)
+    device = next(backbone.parameters()).device
     scores: list[torch.Tensor] = []
     for start in range(0, len(records), group):
         end = start + group
         images, masks = _whole_images(records[start:end], silhouettes[start:end], size, patch)
         if len(images) < 2:  # one image alone has no "several images at once" to fit on
             continue
-        device = next(backbone.parameters()).device
         patches = backbone.eval().forward_features(torch.stack(images).to(device))["patch"].float().cpu()
         grid = (size // patch, size // patch)
         fg = patch_pca(patches, grid)["foreground"].unsqueeze(1).float()
