@@ -7,10 +7,10 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.install-stamp
 export DINOKIT_PROFILE ?= cpu-demo
 
-.PHONY: setup demo test lint lab pretrain bench report video notebooks clean help
+.PHONY: setup demo assignment student test lint lab pretrain bench report video notebooks clean help
 
 help:
-	@echo "make demo | test | lint | lab | pretrain | bench | report | video | notebooks | clean"
+	@echo "make demo | test | assignment | student | lint | lab | pretrain | bench | report | video | notebooks | clean"
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,13 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/dinokit demo
+
+assignment: $(STAMP)
+	$(BIN)/dinokit assignment $(ARGS)
+
+# The students' notebooks: exercise solutions replaced by stubs (nbgrader), in release/notebooks/.
+student: $(STAMP)
+	$(BIN)/dinokit student
 
 pretrain: $(STAMP)
 	$(BIN)/dinokit pretrain --preset $(DINOKIT_PROFILE)
@@ -55,4 +62,4 @@ lab: $(STAMP)
 	$(BIN)/jupyter lab notebooks
 
 clean:
-	rm -rf runs data/embedded-har-* data/splits report/figures report/report.html report/notebooks .pytest_cache
+	rm -rf runs data/embedded-har-* data/splits report/figures report/report.html report/notebooks release .pytest_cache

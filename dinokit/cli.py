@@ -113,9 +113,19 @@ def _same_setting(key: str, stored, asked) -> bool:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from dinokit.demo import run_demo
+    from dinokit.assignment import run_demo
 
     results = run_demo(args.preset, args.out, args.set, device=args.device)
+    return 0 if results["status"] == "finished" else 1
+
+
+def _cmd_assignment(args: argparse.Namespace) -> int:
+    from dinokit.assignment import run_assignment
+
+    results = run_assignment(
+        args.preset, args.data, args.hours, args.device, args.out, args.set, args.supervised, args.speed_iters,
+        args.notebooks,
+    )  # fmt: skip
     return 0 if results["status"] == "finished" else 1
 
 
@@ -189,6 +199,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     out = export_run(_default_run(args.run_dir), args.out)
     print(f"wrote {out}/model.safetensors, timm_kwargs.json and MODEL_CARD.md (it shows the timm call)")
+    return 0
+
+
+def _cmd_student(args: argparse.Namespace) -> int:
+    from dinokit.student import build_student_copy
+
+    out = build_student_copy(args.out)
+    print(f"wrote the students' notebooks (solutions replaced by stubs, outputs cleared) to {out}")
     return 0
 
 
@@ -291,7 +309,42 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", help="default: RUN/export/")
     export.set_defaults(func=_cmd_export)
 
-    demo = sub.add_parser("demo", help="the whole story on the embedded dataset (resumable)")
+    assignment = sub.add_parser(
+        "assignment",
+        help="the whole deliverable: data check, pre-training, evaluation, speed study, maps, report, video; "
+        "stages already done are skipped, an interrupted one resumes",
+    )
+    assignment.add_argument(
+        "--data", help="data root (default: DINOKIT_DATA, else HAR under /kaggle/input, else the embedded dataset)"
+    )
+    assignment.add_argument(
+        "--hours", type=float, help="the whole budget; 85 %% of it goes to pre-training (default: the preset's own)"
+    )
+    assignment.add_argument(
+        "--preset",
+        choices=["default", *PRESETS],
+        help="default: har-vits8 on a GPU of 24 GB+, har-vits8-16gb below, cpu-demo on a CPU",
+    )
+    assignment.add_argument("--out", help="run directory (default: runs/<preset>-<dataset>)")
+    assignment.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    assignment.add_argument(
+        "--supervised",
+        type=float,
+        nargs="?",
+        const=10.0,
+        metavar="MINUTES",
+        help="also train the supervised reference, for at most MINUTES (default 10)",
+    )
+    assignment.add_argument("--speed-iters", type=int, default=30, help="training steps timed each way (default 30)")
+    assignment.add_argument("--notebooks", action="store_true", help="also execute the six notebooks to HTML")
+    _device_option(assignment)
+    assignment.set_defaults(func=_cmd_assignment)
+
+    student = sub.add_parser("student", help="the students' copy of the notebooks (nbgrader generate_assignment)")
+    student.add_argument("--out", help="default: release/notebooks")
+    student.set_defaults(func=_cmd_student)
+
+    demo = sub.add_parser("demo", help="the assignment pipeline on the embedded dataset with cpu-demo (resumable)")
     demo.add_argument("--preset", default="cpu-demo", choices=["default", *PRESETS])
     demo.add_argument("--out", help="run directory (default: runs/<preset>-<dataset>)")
     demo.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="config overrides")

@@ -141,6 +141,7 @@ class TrainConfig:
     knn_k: int = 20
     knn_temperature: float = 0.07
     num_threads: int = 0  # 0: leave torch's default
+    tensorboard: bool = False  # also write metrics.jsonl's scalars as TensorBoard events (RUN/tensorboard/)
 
 
 @dataclass

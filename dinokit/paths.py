@@ -18,9 +18,15 @@ def repo_root() -> Path:
     return _env_path("DINOKIT_ROOT", REPO_ROOT)
 
 
+def home() -> Path:
+    """``DINOKIT_HOME``: one folder for runs, reports and caches, which must outlive a session
+    (``/kaggle/working``, a mounted Google Drive folder); default: the project itself."""
+    return _env_path("DINOKIT_HOME", repo_root())
+
+
 def data_dir() -> Path:
     """Folder for generated data (the embedded dataset, caches); gitignored."""
-    return _env_path("DINOKIT_DATA_DIR", repo_root() / "data")
+    return _env_path("DINOKIT_DATA_DIR", home() / "data")
 
 
 def cache_dir() -> Path:
@@ -56,11 +62,11 @@ def kaggle_har() -> Path | None:
 
 
 def runs_dir() -> Path:
-    return _env_path("DINOKIT_RUNS", repo_root() / "runs")
+    return _env_path("DINOKIT_RUNS", home() / "runs")
 
 
 def report_dir() -> Path:
-    return _env_path("DINOKIT_REPORT", repo_root() / "report")
+    return _env_path("DINOKIT_REPORT", home() / "report")
 
 
 def profile() -> str:

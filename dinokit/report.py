@@ -21,6 +21,7 @@ import torch  # noqa: E402
 
 from dinokit import paths  # noqa: E402
 from dinokit.ablations import VARIANTS, ablation_dir, knn_curves  # noqa: E402
+from dinokit.device import is_cpu_name  # noqa: E402
 from dinokit.runs import CROPS_EXAMPLE, profile_run_dir, read_metrics, run_info  # noqa: E402
 from dinokit.viz import plots  # noqa: E402
 from dinokit.viz.attention_plots import attention_figure, jaccard_figure, pca_figure, snapshots_figure  # noqa: E402
@@ -160,7 +161,10 @@ def _ablation_figure(r: Document, preset: str) -> None:
 
 def _eval_section(r: Document, run_dir: Path) -> None:
     r.h3("Classification on the held-out split")
-    path = run_dir / "eval" / "metrics.json"
+    path, skipped = run_dir / "eval" / "metrics.json", run_dir / "eval" / "skipped.json"
+    if not path.is_file() and skipped.is_file():
+        r.p(json.loads(skipped.read_text())["why"] + ".")
+        return
     if not path.is_file():
         r.missing("evaluation results", f"dinokit eval {display_path(run_dir)}")
         return
@@ -175,7 +179,7 @@ def _eval_section(r: Document, run_dir: Path) -> None:
     rows = [row("pre-trained teacher", m)]
     names = {
         "random_init": "random init, same arch",
-        "supervised": "supervised, same arch and time",
+        "supervised": "supervised, same arch",
         "dinov2_official": "official DINOv2 ViT-S/14 (reference)",
     }
     rows += [row(label, base[key]) for key, label in names.items() if key in base]
@@ -189,14 +193,15 @@ def _eval_section(r: Document, run_dir: Path) -> None:
         sup = base["supervised"]
         r.p(
             f"The supervised reference trained the same network with labels for {sup['seconds'] / 60:.1f} min "
-            f"({sup['images_seen']:,} images, {sup['steps']} steps): how much of what was learnable in that time "
-            "did self-supervision capture?"
+            f"({sup['images_seen']:,} images, {sup['steps']} steps)"
+            + (f", capped (pre-training took {sup['train_seconds_run'] / 60:.1f} min)" if sup.get("capped") else "")
+            + ": how much of what labels teach did self-supervision capture?"
         )
     metrics = read_metrics(run_dir)
     if any("knn_top1" in x for x in metrics) and "random_init" in base:
         baselines = {"random init": base["random_init"]["knn"]["top1"], "chance": m["chance"]}
         if "supervised" in base and "knn" in base["supervised"]:
-            baselines["supervised, same time"] = base["supervised"]["knn"]["top1"]
+            baselines["supervised reference"] = base["supervised"]["knn"]["top1"]
         r.figure(plots.knn_curve(metrics, baselines), "knn_curve", "kNN top-1 on the held-out split during training")
     predictions = run_dir / "eval" / "predictions.csv"
     if predictions.is_file():
@@ -207,7 +212,7 @@ def _eval_section(r: Document, run_dir: Path) -> None:
             if n
             else f"`{display_path(predictions)}` is empty: this dataset has no unlabelled test images to label."
         )
-    shown = {"teacher": "pre-trained", "random_init": "random init", "supervised": "supervised, same time"}
+    shown = {"teacher": "pre-trained", "random_init": "random init", "supervised": "supervised reference"}
     files = {k: run_dir / "eval" / f for k, f in m.get("feature_files", {}).items() if k in shown}
     if files and all(f.is_file() for f in files.values()):
         vals = {shown[k]: torch.load(f, weights_only=True)["val"] for k, f in files.items()}
@@ -270,9 +275,40 @@ def _attention_section(r: Document, run_dir: Path) -> None:
         r.figure(pca_figure(data), "patch_pca", "PCA of patch features (DINOv2 Fig. 1 style): pre-trained vs random")
 
 
+def _assignment_speed(r: Document, path: Path) -> None:
+    """The assignment's two rows: this run's own training and testing, FlashAttention on vs off."""
+    if not path.is_file():
+        r.missing("this run's own training and testing speed, on vs off", "dinokit assignment (its speed stage)")
+        return
+    res = json.loads(path.read_text())
+    rows = []
+    for kind, label in (("train", "training step (this run's recipe, data included)"),
+                        ("test", "testing: teacher over held-out + test images, loader included")):  # fmt: skip
+        row = res.get(kind, {})
+        on, off = row.get("on", {}), row.get("off", {})
+        if not row.get("speedup"):
+            rows.append([label, on.get("status", "-"), off.get("status", "-"), "-", "-", on.get("kernel", "-")])
+            continue
+        mem = f"{on['peak_mem_mb']:.0f} / {off['peak_mem_mb']:.0f}"
+        rows.append([label, f"{on['images_per_s']:.1f}", f"{off['images_per_s']:.1f}", f"{row['speedup']:.2f}x",
+                     mem, on["kernel"]])  # fmt: skip
+        if row.get("model_alone_speedup"):
+            alone = [f"{x['model_alone_images_per_s']:.1f}" for x in (on, off)]
+            rows.append(["testing, model alone (images already decoded)", *alone,
+                         f"{row['model_alone_speedup']:.2f}x", "", ""])  # fmt: skip
+    memory = "peak RSS of the process, MB" if is_cpu_name(res["device"]) else "peak GPU memory, MB"
+    r.p(f"This run's own speed (`{path.name}`): {res['device']}, torch {res['torch']}, "
+        f"{res['train'].get('on', {}).get('iterations', '?')} timed training steps each way, "
+        f"{res['rounds']} round(s)" + (", each measurement in a fresh process" if res.get("isolated") else "")
+        + (", the order alternating between rounds." if res["rounds"] > 1 else "."))  # fmt: skip
+    r.table(["what", "on, img/s", "off, img/s", "speed-up", f"{memory}, on / off", "kernel (on)"], rows)
+
+
 def _bench_section(r: Document, bench_dir: Path, run_dir: Path) -> None:
     r.h3("FlashAttention on vs off")
-    files = sorted(bench_dir.glob("*.json")) if bench_dir.is_dir() else []
+    _assignment_speed(r, bench_dir / f"assignment-{run_dir.name}.json")
+    r.p("The generic sweep (fixed shapes, where attention's share grows with the tokens):")
+    files = [f for f in sorted(bench_dir.glob("*.json")) if not f.name.startswith("assignment-")]
     info = run_info(run_dir) or {}
     device = info.get("device_name", "")
     chosen, others = bench_files_for(files, device, info.get("preset", "")) if device else (files, [])

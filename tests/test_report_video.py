@@ -8,13 +8,10 @@ from pathlib import Path
 import pytest
 
 from dinokit.ablations import ablation_dir
-from dinokit.config import make_config
+from dinokit.assignment import STAGES, run_assignment
 from dinokit.device import is_cpu_name
-from dinokit.eval.run_eval import evaluate_run
 from dinokit.report import build_report, display_path
-from dinokit.train.loop import pretrain
 from dinokit.viz import plots
-from dinokit.viz.attention_run import compute_run_attention
 from dinokit.viz.document import bench_files_for
 from dinokit.viz.video import build_video, probe
 
@@ -28,10 +25,9 @@ def full_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     mp.setenv("DINOKIT_RUNS", str(tmp / "runs"))
     mp.delenv("DINOKIT_DATA", raising=False)
     run = tmp / "run"
-    pretrain(make_config("ci", {"train.knn_every_epochs": 1}), out_dir=run)
-    evaluate_run(run, baselines=True, probe_epochs=10)
-    compute_run_attention(run, n_images=4)
-    (tmp / "report" / "bench").mkdir(parents=True)
+    # the whole pipeline, as `make assignment` runs it (the speed study at 2 steps each way)
+    result = run_assignment("ci", out_dir=run, overrides=["train.knn_every_epochs=1"], speed_iters=2)
+    assert result["status"] == "finished" and result["ran"] == [s.name for s in STAGES if s.name != "notebooks"]
     common = {"mode": "inference", "arch": "vit_pico", "patch": 8, "img_size": 32, "tokens": 17, "batch": 2,
               "dtype": "fp32", "peak_mem_mb": 100.0, "memory_ratio": 1.0, "status": "ok",
               "device": json.loads((run / "run_info.json").read_text())["device_name"], "torch": "x"}  # fmt: skip
@@ -48,6 +44,20 @@ def full_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (tmp / "report" / "bench" / "gpu-NVIDIA-H200.json").write_text(json.dumps(gpu))
     yield run
     mp.undo()
+
+
+def test_assignment_again_skips_every_stage_and_reports_its_own_speed(full_run: Path) -> None:
+    """`make assignment` twice: the second run finds every stage current and does nothing."""
+    again = run_assignment("ci", out_dir=full_run, overrides=["train.knn_every_epochs=1"], speed_iters=2)
+    assert again["ran"] == [] and set(again["skipped"]) == {s.name for s in STAGES} - {"notebooks"}
+    own = json.loads((full_run.parent / "report" / "bench" / f"assignment-{full_run.name}.json").read_text())
+    for kind in ("train", "test"):  # on and off both measured, in the run's own precision and batch
+        assert own[kind]["on"]["images_per_s"] > 0 and own[kind]["off"]["images_per_s"] > 0
+        assert own[kind]["speedup"] == pytest.approx(own[kind]["on"]["images_per_s"] / own[kind]["off"]["images_per_s"])
+    assert own["train"]["on"]["batch"] == 16 and own["train"]["on"]["iterations"] == 2
+    assert own["test"]["on"]["images"] > 0 and own["test"]["model_alone_speedup"] > 0
+    report = (full_run.parent / "report" / "report.md").read_text()
+    assert report.index("This run's own speed") < report.index("The generic sweep")
 
 
 def test_report_from_artifacts_is_complete_and_deterministic(full_run: Path) -> None:

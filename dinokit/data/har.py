@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dinokit.data.images import ProblemLog
+
+log = logging.getLogger(__name__)
 
 # The 15 HAR classes (Kaggle "Human Action Recognition (HAR) Dataset"), in the HF mirror's order.
 HAR_CLASSES = [
@@ -29,6 +32,7 @@ LAYOUTS = {
     "kaggle": "Training_set.csv + train/ (and Testing_set.csv + test/)",
     "parquet": "*.parquet files from the Hugging Face mirror (train-*.parquet, test-*.parquet)",
     "folders": "train/<class>/*.jpg or <class>/*.jpg (and optionally a flat test/)",
+    "images": "a flat folder of images without labels (pre-training only: no classification)",
 }
 
 
@@ -89,6 +93,8 @@ def detect_layout(root: str | Path) -> tuple[str, Path]:
         return "parquet", root
     if _class_dirs(root / "train") or _class_dirs(root):
         return "folders", root
+    if _images_in(root):
+        return "images", root
     expected = "\n".join(f"  - {name}: {desc}" for name, desc in LAYOUTS.items())
     raise DatasetError(f"{root} matches no dataset layout. Expected one of:\n{expected}")
 
@@ -215,11 +221,19 @@ def read_folders(root: Path) -> HarData:
     return HarData(root, "folders", classes, labeled, unlabeled)
 
 
+def read_images(root: Path) -> HarData:
+    """Images without labels: pre-training can use them; classification and predictions cannot."""
+    return HarData(root, "images", [], [], [Record(p.name, -1, str(p)) for p in _images_in(root)])
+
+
 def load_dataset(root: str | Path) -> HarData:
     """Detect the layout of ``root`` and read it into records (images are not decoded here)."""
     layout, base = detect_layout(root)
-    reader = {"kaggle": read_kaggle, "parquet": read_parquet, "folders": read_folders}[layout]
+    reader = {"kaggle": read_kaggle, "parquet": read_parquet, "folders": read_folders, "images": read_images}[layout]
     data = reader(base)
-    if not data.labeled:
+    if not data.labeled and (layout != "images" or not data.unlabeled):
         raise DatasetError(f"{root} ({layout} layout) has no labelled images; {data.problems.summary()}")
+    if not data.labeled:
+        log.warning("%s has no labels: pre-training uses its %d images; kNN, the linear probe and predictions are "
+                    "skipped", root, len(data.unlabeled))  # fmt: skip
     return data

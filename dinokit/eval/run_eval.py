@@ -126,6 +126,26 @@ def pixel_baseline(split: Split, size: int = 16) -> dict:
     return {"linear": {"top1": acc}, "input": f"{size}x{size} RGB pixels"}
 
 
+SKIPPED = "skipped.json"  # in RUN_DIR/eval/: why a run has no classification results
+
+
+def no_labels(run_dir: str | Path) -> str | None:
+    """Why ``run_dir``'s data cannot be classified (written to ``eval/skipped.json``), or ``None`` when it can."""
+    run_dir = Path(run_dir)
+    split = prepare_split(runs.run_config(run_dir), progress=False)
+    if split.val and len({r.label for r in split.val}) >= 2:
+        (run_dir / "eval" / SKIPPED).unlink(missing_ok=True)
+        return None
+    why = (
+        f"no classification: the data has {len(split.train) + len(split.val)} labelled images in "
+        f"{len(split.classes)} classes (pre-training used its {len(split.unlabeled)} unlabelled images). kNN, the "
+        "linear probe and predictions.csv need labels: give the data class folders or a Kaggle Training_set.csv"
+    )
+    (run_dir / "eval").mkdir(parents=True, exist_ok=True)
+    (run_dir / "eval" / SKIPPED).write_text(json.dumps({"why": why}, indent=1) + "\n")
+    return why
+
+
 def evaluate_run(
     run_dir: str | Path,
     data_root: str | None = None,
@@ -136,14 +156,17 @@ def evaluate_run(
     linear: bool = True,
     device: str | torch.device = "auto",
     supervised: bool | None = None,
+    supervised_cap_s: float | None = None,
 ) -> dict:
     """Evaluate a run; writes ``RUN_DIR/eval/{metrics.json, per_class.csv, confusion.npy, predictions.csv}``.
 
     Features of the run, the random-init baseline and the DINOv2 reference are extracted on
     ``device`` (auto: CUDA when present) under autocast, then cached. ``supervised`` trains the
     supervised reference for the run's own training time (default: for runs with a time budget,
-    such as the demo's; a GPU run of hours would take as long again). On data with silhouettes
-    (the embedded dataset), the attention's Jaccard index is scored for every checkpoint.
+    such as the demo's; a GPU run of hours would take as long again), for at most ``supervised_cap_s``
+    seconds when given (``capped`` and the run's own ``train_seconds_run`` are recorded beside its
+    results). On data with silhouettes (the embedded dataset), the attention's Jaccard index is
+    scored for every checkpoint.
     """
     run_dir = Path(run_dir)
     device = resolve_device(device)
@@ -193,6 +216,8 @@ def evaluate_run(
         seconds = float(info.get("train_seconds", 0.0))
         if seconds <= 0:
             raise EvalError(f"{run_dir} records no training time (run_info.json: train_seconds): train it to the end")
+        capped = supervised_cap_s is not None and supervised_cap_s < seconds
+        seconds = min(seconds, supervised_cap_s) if capped else seconds
         weights = out_dir / f"supervised_backbone_{split.sha256[:12]}_{seconds:.0f}s.pt"
         model = random_init_backbone(cfg)
         if weights.is_file():
@@ -205,7 +230,8 @@ def evaluate_run(
         feature_files["supervised"] = out_dir / f"features_supervised_{split.sha256[:12]}_{seconds:.0f}s.pt"
         sup_feats = _features(model.cpu(), split, size, feature_files["supervised"], device, precision)
         sup = _probe_suite(sup_feats, n_classes, probe_epochs, knn, linear)[0]
-        metrics["baselines"]["supervised"] = {**sup, **stats}
+        run_s = info["train_seconds"]
+        metrics["baselines"]["supervised"] = {**sup, **stats, "capped": capped, "train_seconds_run": run_s}
     silhouettes = silhouettes_of(resolve_data_root(cfg), split.val)
     if silhouettes is not None:
         with_supervised = "supervised" in metrics.get("baselines", {})
@@ -297,7 +323,7 @@ def results_table(metrics: dict) -> str:
     base = metrics.get("baselines", {})
     names = {
         "random_init": "random init (same arch)",
-        "supervised": "supervised, same time",
+        "supervised": "supervised reference",
         "dinov2_official": "official DINOv2 ViT-S/14",
     }
     rows += [(label, base[key]) for key, label in names.items() if key in base]

@@ -26,9 +26,7 @@ def _border(gh: int, gw: int) -> np.ndarray:
     return edge.reshape(-1)
 
 
-def patch_pca(
-    patches: torch.Tensor, grid: tuple[int, int], seed: int = 0, center_images: bool = True
-) -> dict[str, torch.Tensor]:
+def patch_pca(patches: torch.Tensor, grid: tuple[int, int], center_images: bool = True) -> dict[str, torch.Tensor]:
     """``patches``: (B, gh * gw, D) -> ``foreground`` (B, gh, gw) bool and ``rgb`` (B, gh, gw, 3) in [0, 1]."""
     b, n, d = patches.shape
     gh, gw = grid
@@ -36,7 +34,8 @@ def patch_pca(
     if center_images:
         x = x - x.mean(1, keepdim=True)
     x = x.reshape(b * n, d).numpy()
-    first = PCA(n_components=1, random_state=seed).fit_transform(x)[:, 0].reshape(b, n)
+    # exact, from the (D, D) covariance: 2-3x faster than sklearn's default (randomized) solver here
+    first = PCA(n_components=1, svd_solver="covariance_eigh").fit_transform(x)[:, 0].reshape(b, n)
     positive = first > 0
     border = _border(gh, gw)
     if positive[:, border].mean() > 0.5:  # the background is on the positive side: flip
@@ -45,7 +44,7 @@ def patch_pca(
     rgb = np.zeros((b, n, 3), dtype=np.float32)
     fg = x[foreground.reshape(-1)]
     if len(fg) >= 3:
-        comps = PCA(n_components=3, random_state=seed).fit_transform(fg)
+        comps = PCA(n_components=3, svd_solver="covariance_eigh").fit_transform(fg)
         lo, hi = comps.min(0), comps.max(0)
         rgb.reshape(b * n, 3)[foreground.reshape(-1)] = (comps - lo) / np.maximum(hi - lo, 1e-8)
     return {

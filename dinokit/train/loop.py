@@ -43,6 +43,7 @@ from dinokit.train.services import (
     StepHealth,
     StopFlag,
     setup_logging,
+    summary_writer_class,
     truncate_metrics,
 )  # fmt: skip
 from dinokit.train.setup import TrainData, TrainParts, build_data, build_parts, restore, write_crops_example
@@ -70,7 +71,9 @@ class RunResult:
 def knn_monitor(
     backbone: nn.Module, split: Split, cfg: Config, device: torch.device | str = "cpu", precision: str = "fp32"
 ) -> dict[str, float]:
-    """kNN top-1/top-5 of ``backbone``'s CLS features, train split -> held-out split."""
+    """kNN top-1/top-5 of ``backbone``'s CLS features, train split -> held-out split; ``{}`` without labels."""
+    if not split.val or len(split.classes) < 2:
+        return {}
     kw = dict(size=cfg.crops.eval_size, device=device, precision=precision, progress=False)
     train = extract_features(backbone, split.train, **kw)
     val = extract_features(backbone, split.val, **kw)
@@ -84,7 +87,7 @@ def knn_monitor(
 # (e.g. turn on activation checkpointing after running out of memory). Everything else is the run's.
 RESUMABLE_KEYS = (
     "data.num_workers", "data.augment_on", "train.grad_checkpointing", "model.attention", "train.compile",
-    "train.num_threads",
+    "train.num_threads", "train.tensorboard",
 )  # fmt: skip
 
 
@@ -148,6 +151,8 @@ def pretrain(
     called after every step (tests use it to send signals); ``logs`` values are device tensors.
     """
     device = resolve_device(device)
+    if cfg.train.tensorboard:
+        summary_writer_class()  # before any work: a missing optional package is named now
     dist_info = init_distributed(device)
     cfg, run_dir, precision = _open_run(cfg, out_dir, resume, device, dist_info)
     data = build_data(cfg, dist_info, device)
@@ -261,7 +266,7 @@ def _write_run_record(cfg, data, parts, run_dir, precision, device, dist_info, t
         write_crops_example(cfg, data.records, run_dir / runs.CROPS_EXAMPLE)
         metrics_path = run_dir / runs.METRICS
         truncate_metrics(metrics_path, start)
-        if budget is not None and budget.knn is not None:  # the untrained teacher, measured while timing
+        if budget is not None and budget.knn:  # the untrained teacher, measured while timing
             with metrics_path.open("a") as handle:
                 handle.write(json.dumps({"iteration": 0, "epoch": 0, **budget.knn}) + "\n")
     log.info(
@@ -281,7 +286,8 @@ def train_loop(
     problems, health = ProblemLog(), StepHealth(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    metrics = MetricsLog(run_dir / runs.METRICS, device, total_iters, start_iter, dist_info.is_main)
+    board = run_dir / "tensorboard" if cfg.train.tensorboard else None
+    metrics = MetricsLog(run_dir / runs.METRICS, device, total_iters, start_iter, dist_info.is_main, board)
     data.sampler.set_range(start_iter, total_iters)
     status, it, ipe, loop_start = "finished", start_iter, data.iters_per_epoch, time.perf_counter()
     fetch_start = time.perf_counter()
@@ -346,9 +352,10 @@ def _knn_check(cfg, data, parts, metrics, run_dir, device, precision, dist_info,
             eval_backbone.load_state_dict(backbone_state)
         acc = knn_monitor(eval_backbone, data.split, cfg, device, precision)
         epoch = it // data.iters_per_epoch
-        metrics.write({"iteration": it, "epoch": epoch, "knn_top1": acc["top1"], "knn_top5": acc["top5"]})
         runs.save_atomic(backbone_state, run_dir / runs.SNAPSHOTS / f"teacher_{it:07d}.pt")
-        log.info("epoch %d: kNN top-1 %.2f%%, top-5 %.2f%%", epoch, acc["top1"], acc["top5"])
+        if acc:  # data without labels: the snapshot only
+            metrics.write({"iteration": it, "epoch": epoch, "knn_top1": acc["top1"], "knn_top5": acc["top5"]})
+            log.info("epoch %d: kNN top-1 %.2f%%, top-5 %.2f%%", epoch, acc["top1"], acc["top5"])
     barrier()
 
 
@@ -384,7 +391,7 @@ def _fit_time_budget(cfg, data, parts, checkpointer, device, precision, dist_inf
 
     def knn_check() -> None:  # as in training: the check and its snapshot
         acc = knn_monitor(parts.teacher.backbone, data.split, cfg, device, precision)
-        knn.update({"knn_top1": acc["top1"], "knn_top5": acc["top5"]})
+        knn.update({"knn_top1": acc["top1"], "knn_top5": acc["top5"]} if acc else {})
         runs.save_atomic(parts.teacher.backbone.state_dict(), probe)
 
     def save_check() -> None:

@@ -101,8 +101,12 @@ class StepHealth:
 class MetricsLog:
     """Throughput over a window of steps, ``metrics.jsonl`` lines and the progress bar."""
 
-    def __init__(self, path: Path | None, device: torch.device, total: int, start: int, main: bool) -> None:
+    def __init__(
+        self, path: Path | None, device: torch.device, total: int, start: int, main: bool,
+        tensorboard: Path | None = None,
+    ) -> None:  # fmt: skip
         self.file = path.open("a") if path is not None and main else None
+        self.board = tensorboard_writer(tensorboard) if tensorboard is not None and main else None
         self.device = device
         self.bar = tqdm(total=total, initial=start, desc="pre-training", disable=not main)
         self.last: dict[str, float] = {}
@@ -140,11 +144,33 @@ class MetricsLog:
         if self.file is not None:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
+        if self.board is not None:  # the same scalars, against the same iteration
+            for name, value in record.items():
+                if name != "iteration" and isinstance(value, int | float) and not isinstance(value, bool):
+                    self.board.add_scalar(name, value, record["iteration"])
 
     def close(self) -> None:
         self.bar.close()
         if self.file is not None:
             self.file.close()
+        if self.board is not None:
+            self.board.close()
+
+
+def summary_writer_class() -> type:
+    """PyTorch's own TensorBoard writer; it needs the ``tensorboard`` package, an optional extra."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise ValueError(
+            "train.tensorboard=true needs the tensorboard package: `pip install tensorboard` "
+            f"(or leave train.tensorboard off; metrics.jsonl has the same numbers) [{exc}]"
+        ) from None
+    return SummaryWriter
+
+
+def tensorboard_writer(folder: Path):
+    return summary_writer_class()(log_dir=str(folder))
 
 
 class Checkpointer:

@@ -63,7 +63,8 @@ def build_data(cfg: Config, dist_info: DistInfo, device: torch.device) -> TrainD
     """The fixed split (held-out images never reach pre-training), the sampler and the loader."""
     data_root = resolve_data_root(cfg)
     split = prepare_split(cfg, progress=dist_info.is_main)
-    records = split.train + (split.unlabeled if cfg.data.use_unlabeled else [])
+    # data without labels (a plain folder of images) pre-trains on its unlabelled images whatever the setting
+    records = split.train + (split.unlabeled if cfg.data.use_unlabeled or not split.train else [])
     if cfg.data.max_images:
         records = records[: cfg.data.max_images]
     global_batch = cfg.optim.batch_size * dist_info.world

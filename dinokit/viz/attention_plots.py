@@ -76,7 +76,7 @@ def jaccard_figure(jaccard: Mapping) -> plt.Figure:
         ax.plot([k for k, _ in snaps], [v for _, v in snaps], marker="o", label="pre-trained teacher (snapshots)")
     ax.axhline(jaccard["random_init"], color="C1", linestyle="--", label="random init")
     if "supervised" in jaccard:
-        ax.axhline(jaccard["supervised"], color="C2", linestyle=":", label="supervised, same time")
+        ax.axhline(jaccard["supervised"], color="C2", linestyle=":", label="supervised reference")
     ax.axhline(2 * jaccard["random_init"], color="gray", linestyle=":", linewidth=0.8, label="2 x random init")
     ax.set_xlabel("iteration")
     ax.set_ylabel("Jaccard with the figure (%)")

@@ -23,7 +23,10 @@ from dinokit.viz.attention import attention_for_records
 
 
 def pick_images(split, n: int) -> list:
-    """One held-out image per class first (round robin), so the set is varied and fixed."""
+    """One held-out image per class first (round robin), so the set is varied and fixed; without
+    labels, the first unlabelled images by name."""
+    if not split.val:
+        return sorted(split.unlabeled, key=lambda r: r.name)[:n]
     by_class: dict[int, list] = {}
     for rec in sorted(split.val, key=lambda r: r.name):
         by_class.setdefault(rec.label, []).append(rec)
@@ -73,7 +76,7 @@ def compute_run_attention(
             "snapshots": {str(k): v for k, v in sorted(snapshots.items())},
             "pca": pca,
             "names": [r.name for r in records],
-            "labels": [split.classes[r.label] for r in records],
+            "labels": [split.classes[r.label] if r.label >= 0 else "" for r in records],  # "": unlabelled
             "patch_size": final.patch_size,
             "iteration": runs.run_progress(run_dir)[0],  # of the checkpoint drawn
         },

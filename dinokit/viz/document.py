@@ -153,6 +153,7 @@ def _inline(text: str) -> str:
 
 def bench_files_for(files: list[Path], device: str, preset: str) -> tuple[list[Path], list[Path]]:
     """The speed-study files of this run's device (those named after its preset, if any), and the rest."""
+    files = [f for f in files if not f.name.startswith("assignment-")]  # one run's own study: read apart
     ours = [f for f in files if (json.loads(f.read_text()) or [{}])[0].get("device") == device]
     named = [f for f in ours if preset and preset in f.stem]
     chosen = named or ours
