@@ -331,11 +331,17 @@ def plan_text(ctx: Context, stages: list[Stage]) -> str:
     done = [s.name for s in stages if applies(s, ctx) and is_current(s, ctx)]
     todo = [s for s in stages if applies(s, ctx) and s.name not in done]
     rest = [estimate_seconds(s.name, ctx) for s in todo]
-    total = None if any(r is None for r in rest) else sum(rest)
+    known = sum(r for r in rest if r is not None)
     lines = [f"done: {', '.join(done) or 'nothing yet'}"]
     if todo:
         parts = ", ".join(f"{s.name} ~{_minutes(r)}" for s, r in zip(todo, rest, strict=True))
-        lines.append(f"to do: {parts}; expected about {_minutes(total)} more on this machine")
+        unknown = [s.name for s, r in zip(todo, rest, strict=True) if r is None]
+        more = (
+            f"at least {_minutes(known)} ({', '.join(unknown)}: not timed yet)"
+            if unknown
+            else f"about {_minutes(known)}"
+        )
+        lines.append(f"to do: {parts}; expected {more} more on this machine")
     return "\n".join(lines)
 
 

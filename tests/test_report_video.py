@@ -9,6 +9,7 @@ import pytest
 
 from dinokit.ablations import ablation_dir
 from dinokit.assignment import STAGES, run_assignment
+from dinokit.cli import main
 from dinokit.device import is_cpu_name
 from dinokit.report import build_report, display_path
 from dinokit.viz import plots
@@ -46,10 +47,13 @@ def full_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     mp.undo()
 
 
-def test_assignment_again_skips_every_stage_and_reports_its_own_speed(full_run: Path) -> None:
-    """`make assignment` twice: the second run finds every stage current and does nothing."""
-    again = run_assignment("ci", out_dir=full_run, overrides=["train.knn_every_epochs=1"], speed_iters=2)
-    assert again["ran"] == [] and set(again["skipped"]) == {s.name for s in STAGES} - {"notebooks"}
+def test_assignment_again_skips_every_stage_and_reports_its_own_speed(full_run: Path, capsys) -> None:
+    """`dinokit assignment` twice: the second run finds every stage current and does nothing."""
+    argv = ["assignment", "--preset", "ci", "--out", str(full_run), "--set", "train.knn_every_epochs=1"]
+    assert main([*argv, "--speed-iters", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("; skipped") == len(STAGES) - 1 and "not asked" in out  # all but the notebooks (not asked)
+    assert "to do:" not in out.split("=== 1/")[0]  # the plan at the start: nothing left
     own = json.loads((full_run.parent / "report" / "bench" / f"assignment-{full_run.name}.json").read_text())
     for kind in ("train", "test"):  # on and off both measured, in the run's own precision and batch
         assert own[kind]["on"]["images_per_s"] > 0 and own[kind]["off"]["images_per_s"] > 0
