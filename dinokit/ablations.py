@@ -49,6 +49,11 @@ def _embedded(preset: str, common: Sequence[str]) -> list[str]:
     return [*common, f"data.root={root}"]
 
 
+def ablation_key(name: str) -> str:
+    """The variant's key in recorded results (``notebooks/expectations.json``)."""
+    return "ablation_" + "_".join(part for part in _slug(name).split("-") if part)
+
+
 def ablation_dir(preset: str, name: str) -> Path:
     return paths.runs_dir() / "ablations" / f"{preset}-embedded" / _slug(name)
 

@@ -4,8 +4,8 @@ report, in stages that survive the end of a session.
 Stages, in order: data check -> time-budgeted pre-training -> evaluation (kNN, linear probe,
 baselines, Kaggle predictions; the supervised reference only when asked, capped in time) -> the
 assignment's speed study (this run's training and testing, FlashAttention on vs off) -> attention
-maps and patch PCA -> executed notebooks (when asked) -> report (linking them) -> video. ``RUN/pipeline.json``
-records each finished stage with the key of what it was computed from: a stage whose key still
+maps and patch PCA -> executed notebooks (when asked) -> report (linking them) -> video.
+``RUN/pipeline.json`` records each finished stage with the key of what it was computed from: a stage whose key still
 holds is skipped, an interrupted one runs again (pre-training resumes from its checkpoint), and
 re-running the same command after a session ends continues with no flags. ``make demo`` is the
 same pipeline on the embedded data with the ``cpu-demo`` preset.
@@ -30,11 +30,8 @@ from dinokit.device import DeviceKind, device_kind, resolve_device
 
 STATE = "pipeline.json"
 PRETRAIN_SHARE = 0.85  # of --hours; evaluation, the speed study and the report take the rest
-
-
-BIG_GPU_GIB = (
-    38  # har-vits8 (batch 64, no checkpointing) needs about 43 GB: 40/80 GB cards (an A100-40GB reports 39.4 GiB)
-)
+# har-vits8 (batch 64, no checkpointing) needs about 43 GB: 40/80 GB cards (an A100-40GB reports 39.4 GiB)
+BIG_GPU_GIB = 38
 
 
 def choose_preset(kind: DeviceKind, memory_gib: float | None = None) -> str:

@@ -202,6 +202,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_expectations(args: argparse.Namespace) -> int:
+    from dinokit.expectations import expectations_path, record_run
+
+    entry = record_run(_default_run(args.run_dir), args.source, commit=args.commit)
+    print(f"recorded {entry['profile']} on {entry['machine']['cpu']} ({entry['commit']}) in {expectations_path()}")
+    return 0
+
+
 def _cmd_student(args: argparse.Namespace) -> int:
     from dinokit.student import build_student_copy
 
@@ -339,6 +347,12 @@ def build_parser() -> argparse.ArgumentParser:
     assignment.add_argument("--notebooks", action="store_true", help="also execute the six notebooks to HTML")
     _device_option(assignment)
     assignment.set_defaults(func=_cmd_assignment)
+
+    record = sub.add_parser("expectations", help="record a finished, evaluated run as the notebooks' expected results")
+    record.add_argument("run_dir", nargs="?", help="default: runs/$DINOKIT_PROFILE-<dataset>")
+    record.add_argument("--source", required=True, help="how the run was made, e.g. 'time make demo, fresh clone'")
+    record.add_argument("--commit", help="the code the run was made with (default: this checkout's)")
+    record.set_defaults(func=_cmd_expectations)
 
     student = sub.add_parser("student", help="the students' copy of the notebooks (nbgrader generate_assignment)")
     student.add_argument("--out", help="default: release/notebooks")

@@ -72,3 +72,18 @@ def expect(condition: bool, message: str) -> bool:
     if not condition:
         warnings.warn(message, stacklevel=2)
     return bool(condition)
+
+
+def show_expected(profile: str, keys: list[str]) -> str:
+    """Display the recorded runs' results for ``keys`` as a table (``notebooks/expectations.json``):
+    the notebooks' "Expect" numbers, never typed by hand."""
+    from dinokit.expectations import expected_table
+
+    table = expected_table(profile, keys)
+    try:
+        from IPython.display import Markdown, display
+
+        display(Markdown(table))
+    except ImportError:
+        print(table)
+    return table

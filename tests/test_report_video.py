@@ -64,6 +64,19 @@ def test_assignment_again_skips_every_stage_and_reports_its_own_speed(full_run: 
     assert report.index("This run's own speed") < report.index("The generic sweep")
 
 
+def test_a_finished_run_is_recorded_as_an_expectation(full_run: Path, tmp_path: Path) -> None:
+    from dinokit.expectations import expected_table, record_run
+
+    entry = record_run(full_run, "a test", tmp_path / "expectations.json", commit="abc1234")
+    metrics = json.loads((full_run / "eval" / "metrics.json").read_text())
+    assert entry["results"]["knn"] == pytest.approx(metrics["knn"]["top1"], abs=0.06)
+    assert entry["results"]["jaccard"] == pytest.approx(metrics["attention_jaccard"]["teacher"], abs=0.06)
+    assert entry["machine"]["cores"] and entry["profile"] == "ci"
+    record_run(full_run, "again", tmp_path / "expectations.json", commit="abc1234")  # same run: replaced
+    assert len(json.loads((tmp_path / "expectations.json").read_text())) == 1
+    assert "abc1234" in expected_table("ci", ["knn", "pretrain_s"], tmp_path / "expectations.json")
+
+
 def test_report_from_artifacts_is_complete_and_deterministic(full_run: Path) -> None:
     out = full_run.parent / "report"
     html = build_report(full_run, out)

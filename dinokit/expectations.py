@@ -1,0 +1,189 @@
+"""What a profile's run should give, from recorded runs, with the machine that gave it.
+
+Notebooks used to type their "Expect" numbers by hand, and those went stale whenever the recipe
+or the machine changed. Now ``notebooks/expectations.json`` holds one entry per recorded run
+(profile, machine: CPU model, AVX-512 or not, cores, torch; commit, date, how it was run; the
+results), written by ``dinokit expectations RUN`` from a finished, evaluated run, and the
+notebooks render their expectation tables from it (:func:`expected_table`). A value is a number,
+or ``[low, high]`` for a range over several runs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import torch
+
+from dinokit import paths, runs
+
+# column key -> (label, unit)
+COLUMNS = {
+    "knn": ("kNN top-1, pre-trained", " %"),
+    "knn_random": ("kNN, random init", " %"),
+    "linear": ("linear top-1, pre-trained", " %"),
+    "linear_random": ("linear, random init", " %"),
+    "pixels": ("linear, raw pixels", " %"),
+    "supervised_knn": ("supervised reference, kNN", " %"),
+    "supervised_linear": ("supervised reference, linear", " %"),
+    "supervised_s": ("supervised reference trained for", " s"),
+    "jaccard": ("attention Jaccard, pre-trained", " %"),
+    "jaccard_random": ("attention Jaccard, random init", " %"),
+    "jaccard_supervised": ("attention Jaccard, supervised", " %"),
+    "pca": ("patch-PCA Jaccard, pre-trained", " %"),
+    "pca_random": ("patch-PCA Jaccard, random init", " %"),
+    "epochs": ("epochs trained", ""),
+    "step_s": ("seconds per step", " s"),
+    "pretrain_s": ("pre-training", " s"),
+    "eval_s": ("evaluation", " s"),
+}
+
+
+def _ablation_columns() -> dict[str, tuple[str, str]]:
+    from dinokit.ablations import VARIANTS, ablation_key
+
+    return {ablation_key(name): (f"ablation: {name}", " %") for name in VARIANTS}
+
+
+COLUMNS.update(_ablation_columns())
+
+
+def ablation_results(preset: str) -> dict[str, float]:
+    """Final kNN of each finished ablation variant of ``preset`` (notebook 03's short runs)."""
+    from dinokit.ablations import VARIANTS, ablation_dir, ablation_key, knn_curves
+
+    done = {name: ablation_dir(preset, name) for name in VARIANTS}
+    done = {
+        name: d
+        for name, d in done.items()
+        if runs.run_progress(d)[1] and runs.run_progress(d)[0] >= runs.run_progress(d)[1]
+    }
+    return {ablation_key(name): round(points[-1][1], 1) for name, points in knn_curves(done).items() if points}
+
+
+def expectations_path() -> Path:
+    return paths.repo_root() / "notebooks" / "expectations.json"
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def this_machine() -> dict:
+    """The CPU as the expectations name it: model, AVX-512 or not (and its bf16), cores, torch."""
+    from dinokit.device import device_kind
+
+    flags = cpu_flags()
+    return {
+        "cpu": device_kind("cpu").name,
+        "avx512": "avx512f" in flags,
+        "avx512_bf16": "avx512_bf16" in flags,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__.split("+")[0],
+    }
+
+
+def results_of(run_dir: Path) -> dict:
+    """The numbers a notebook expects, read from a finished and evaluated run."""
+    m = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    info, base = runs.run_info(run_dir), m.get("baselines", {})
+    out = {"knn": m["knn"]["top1"], "linear": m["linear"]["top1"]}
+    if "random_init" in base:
+        out.update(knn_random=base["random_init"]["knn"]["top1"], linear_random=base["random_init"]["linear"]["top1"])
+    if "pixels" in base:
+        out["pixels"] = base["pixels"]["linear"]["top1"]
+    if "supervised" in base:
+        sup = base["supervised"]
+        out.update(
+            supervised_knn=sup["knn"]["top1"], supervised_linear=sup["linear"]["top1"], supervised_s=sup["seconds"]
+        )
+    jac = m.get("attention_jaccard") or {}
+    if jac:
+        out.update(jaccard=jac["teacher"], jaccard_random=jac["random_init"])
+        if "supervised" in jac:
+            out["jaccard_supervised"] = jac["supervised"]
+        if "pca" in jac:
+            out.update(pca=jac["pca"]["teacher"], pca_random=jac["pca"]["random_init"])
+    budget = info.get("time_budget") or {}
+    out["epochs"] = budget.get("epochs") or runs.run_config(run_dir).optim.epochs
+    if budget.get("step_s"):
+        out["step_s"] = budget["step_s"]
+    stages = (
+        json.loads((run_dir / "pipeline.json").read_text()).get("stages", {})
+        if (run_dir / "pipeline.json").is_file()
+        else {}
+    )
+    for stage in ("pretrain", "eval"):
+        if stage in stages:
+            out[f"{stage}_s"] = stages[stage]["seconds"]
+    return {k: (round(v, 2) if abs(v) < 10 else round(v, 1)) if isinstance(v, float) else v for k, v in out.items()}
+
+
+def _commit() -> str:
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=paths.repo_root(), capture_output=True, text=True
+        )
+        return done.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def record_run(run_dir: str | Path, source: str, path: str | Path | None = None, commit: str | None = None) -> dict:
+    """Add (or replace: same profile, machine kind and commit) the entry of ``run_dir``; returns it.
+    ``commit``: the code the run was made with (default: this checkout's)."""
+    run_dir = Path(run_dir)
+    path = Path(path) if path else expectations_path()
+    entries = json.loads(path.read_text()) if path.is_file() else []
+    entry = {
+        "profile": runs.run_config(run_dir).preset,
+        "machine": this_machine(),
+        "commit": commit or _commit(),
+        "date": dt.date.today().isoformat(),
+        "source": source,
+        "results": {**results_of(run_dir), **ablation_results(runs.run_config(run_dir).preset)},
+    }
+    same = lambda e: (e["profile"], e["machine"]["cpu"], e["machine"]["avx512"], e["commit"]) == (  # noqa: E731
+        entry["profile"], entry["machine"]["cpu"], entry["machine"]["avx512"], entry["commit"])  # fmt: skip
+    entries = [e for e in entries if not same(e)] + [entry]
+    path.write_text(json.dumps(entries, indent=1) + "\n")
+    return entry
+
+
+def _value(v, unit: str) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, list):
+        return f"{v[0]:g}–{v[1]:g}{unit}"
+    return f"{v:g}{unit}"
+
+
+def _machine(m: dict) -> str:
+    simd = "AVX512-BF16" if m.get("avx512_bf16") else "AVX-512" if m.get("avx512") else "no AVX-512"
+    return f"{m['cores']}-core {m['cpu']}, {simd}"
+
+
+def expected_table(profile: str, keys: list[str], path: str | Path | None = None) -> str:
+    """A markdown table: one row per recorded run of ``profile`` (its machine, commit, date), one
+    column per key."""
+    path = Path(path) if path else expectations_path()
+    entries = [e for e in json.loads(path.read_text()) if e["profile"] == profile] if path.is_file() else []
+    if not entries:
+        return f"*No recorded run of `{profile}` yet: `dinokit expectations RUN` records one.*"
+    head = ["machine", "commit, date"] + [COLUMNS[k][0] for k in keys]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for e in entries:
+        cells = [_machine(e["machine"]), f"{e['commit']}, {e['date']}"]
+        cells += [_value(e["results"].get(k), COLUMNS[k][1]) for k in keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    sources = "; ".join(f"{e['commit']}: {e['source']}" for e in entries)
+    return "\n".join(lines) + f"\n\n*Recorded runs ({sources}).*"

@@ -1,0 +1,44 @@
+"""The notebooks' expected results come from recorded runs (notebooks/expectations.json), not typing."""
+
+import json
+import re
+
+from dinokit import paths
+from dinokit.expectations import COLUMNS, expectations_path, expected_table
+
+# the cells whose "Expect" paragraph is followed by a table rendered from the recorded runs
+GENERATED = {
+    "03_dinov2_pretraining": ["cell-09"],
+    "04_linear_evaluation": ["cell-02b"],
+    "06_attention_maps": ["cell-09", "cell-11"],
+}
+TYPED_RESULT = re.compile(r"\d+(?:\.\d+)?\s?(?:%|×)")
+
+
+def test_the_recorded_runs_name_both_kinds_of_cpu_and_how_they_were_made() -> None:
+    entries = [e for e in json.loads(expectations_path().read_text()) if e["profile"] == "cpu-demo"]
+    assert {e["machine"]["avx512"] for e in entries} == {True, False}  # with and without AVX-512
+    for e in entries:
+        assert {"cpu", "avx512", "cores", "torch"} <= e["machine"].keys() and e["machine"]["cores"] == 2
+        assert e["commit"] and e["date"] and e["source"] and set(e["results"]) <= set(COLUMNS)
+
+
+def test_expect_paragraphs_type_no_results_and_render_the_table() -> None:
+    for name, ids in GENERATED.items():
+        cells = json.loads((paths.repo_root() / "notebooks" / f"{name}.ipynb").read_text())["cells"]
+        for cid in ids:
+            i = next(k for k, c in enumerate(cells) if c["id"] == cid)
+            text = "".join(cells[i]["source"])
+            expect = next(p for p in text.split("\n\n") if p.startswith("**Expect**"))
+            assert not TYPED_RESULT.findall(expect), f"{name} {cid}: typed results {TYPED_RESULT.findall(expect)}"
+            shown = "".join(cells[i + 1]["source"])
+            assert shown.startswith("show_expected("), f"{name}: the cell after {cid} must render the table"
+            keys = re.findall(r'"(\w+)"', shown)[1:]
+            assert keys and set(keys) <= set(COLUMNS), keys
+
+
+def test_the_table_shows_each_machine_with_its_commit() -> None:
+    table = expected_table("cpu-demo", ["knn", "knn_random", "step_s"])
+    assert "no AVX-512" in table and "AVX512-BF16" in table
+    assert "5bca553" in table and "33.7 %" in table and "0.43 s" in table
+    assert "No recorded run" in expected_table("har-vits8", ["knn"])
