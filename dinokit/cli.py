@@ -331,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     assignment.add_argument(
         "--preset",
         choices=["default", *PRESETS],
-        help="default: har-vits8 on a GPU of 24 GB+, har-vits8-16gb below, cpu-demo on a CPU",
+        help="default: this data's existing run, else har-vits8 on a 40/80 GB GPU, har-vits8-16gb below, "
+        "cpu-demo on a CPU",
     )
     assignment.add_argument("--out", help="run directory (default: runs/<preset>-<dataset>)")
     assignment.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="config overrides")

@@ -35,6 +35,10 @@ COLUMNS = {
     "jaccard_supervised": ("attention Jaccard, supervised", " %"),
     "pca": ("patch-PCA Jaccard, pre-trained", " %"),
     "pca_random": ("patch-PCA Jaccard, random init", " %"),
+    "own_train_speedup": ("this run's training step, on / off", "×"),
+    "own_test_speedup": ("this run's testing pass, on / off", "×"),
+    "own_test_alone_speedup": ("testing, model alone, on / off", "×"),
+    "vits8_224_inference_speedup": ("ViT-S/8 inference at 224 px, on / off", "×"),
     "epochs": ("epochs trained", ""),
     "step_s": ("seconds per step", " s"),
     "pretrain_s": ("pre-training", " s"),
@@ -92,8 +96,26 @@ def this_machine() -> dict:
     }
 
 
-def results_of(run_dir: Path) -> dict:
-    """The numbers a notebook expects, read from a finished and evaluated run."""
+def speed_results(run_dir: Path, report_dir: Path) -> dict:
+    """FlashAttention on / off: the run's own study and the demo's ViT-S/8 sweep, where measured."""
+    out, bench = {}, report_dir / "bench"
+    own = bench / f"assignment-{run_dir.name}.json"
+    if own.is_file():
+        res = json.loads(own.read_text())
+        keys = {"own_train_speedup": ("train", "speedup"), "own_test_speedup": ("test", "speedup"),
+                "own_test_alone_speedup": ("test", "model_alone_speedup")}  # fmt: skip
+        out.update({k: res[a][b] for k, (a, b) in keys.items() if res.get(a, {}).get(b)})
+    sweep = bench / "cpu-demo.json"
+    if sweep.is_file():
+        on = [r["speedup"] for r in json.loads(sweep.read_text())
+              if (r["mode"], r["img_size"], r["backend"]) == ("inference", 224, "sdpa") and r["speedup"]]  # fmt: skip
+        if on:
+            out["vits8_224_inference_speedup"] = on[0]
+    return out
+
+
+def results_of(run_dir: Path, report_dir: Path | None = None) -> dict:
+    """The numbers a notebook expects, read from a finished and evaluated run (and its speed study)."""
     m = json.loads((run_dir / "eval" / "metrics.json").read_text())
     info, base = runs.run_info(run_dir), m.get("baselines", {})
     out = {"knn": m["knn"]["top1"], "linear": m["linear"]["top1"]}
@@ -125,6 +147,7 @@ def results_of(run_dir: Path) -> dict:
     for stage in ("pretrain", "eval"):
         if stage in stages:
             out[f"{stage}_s"] = stages[stage]["seconds"]
+    out.update(speed_results(run_dir, report_dir or paths.report_dir()))
     return {k: (round(v, 2) if abs(v) < 10 else round(v, 1)) if isinstance(v, float) else v for k, v in out.items()}
 
 
@@ -138,7 +161,10 @@ def _commit() -> str:
         return "unknown"
 
 
-def record_run(run_dir: str | Path, source: str, path: str | Path | None = None, commit: str | None = None) -> dict:
+def record_run(
+    run_dir: str | Path, source: str, path: str | Path | None = None, commit: str | None = None,
+    report_dir: str | Path | None = None,
+) -> dict:  # fmt: skip
     """Add (or replace: same profile, machine kind and commit) the entry of ``run_dir``; returns it.
     ``commit``: the code the run was made with (default: this checkout's)."""
     run_dir = Path(run_dir)
@@ -150,7 +176,10 @@ def record_run(run_dir: str | Path, source: str, path: str | Path | None = None,
         "commit": commit or _commit(),
         "date": dt.date.today().isoformat(),
         "source": source,
-        "results": {**results_of(run_dir), **ablation_results(runs.run_config(run_dir).preset)},
+        "results": {
+            **results_of(run_dir, Path(report_dir) if report_dir else None),
+            **ablation_results(runs.run_config(run_dir).preset),
+        },
     }
     same = lambda e: (e["profile"], e["machine"]["cpu"], e["machine"]["avx512"], e["commit"]) == (  # noqa: E731
         entry["profile"], entry["machine"]["cpu"], entry["machine"]["avx512"], entry["commit"])  # fmt: skip
@@ -159,12 +188,16 @@ def record_run(run_dir: str | Path, source: str, path: str | Path | None = None,
     return entry
 
 
+def _number(v: float, unit: str) -> str:
+    return {" %": f"{v:.1f}", "×": f"{v:.2f}"}.get(unit, f"{v:g}")
+
+
 def _value(v, unit: str) -> str:
     if v is None:
         return "–"
     if isinstance(v, list):
-        return f"{v[0]:g}–{v[1]:g}{unit}"
-    return f"{v:g}{unit}"
+        return f"{_number(v[0], unit)}–{_number(v[1], unit)}{unit}"
+    return f"{_number(v, unit)}{unit}"
 
 
 def _machine(m: dict) -> str:

@@ -352,7 +352,7 @@ PROMPTS = {
     "results_attention": "What do the attention maps and the patch PCA show (notebook 06)? When in training does the "
     "figure emerge?",
     "results_speed": "How much faster is training and inference with FlashAttention, and where does the gain come "
-    "from (notebook 05)? Why does it gain little at 145 tokens?",
+    "from (notebook 05)? Why does it gain little, or even lose, at your run's few tokens per crop?",
     "discussion": "What worked, what did not, what you would try with more compute. Which ablation (notebook 03) "
     "surprised you?",
 }
