@@ -135,6 +135,7 @@ def measure_dinokit(full: bool, steps: int, threads: int, profile: bool = False)
     """dinokit's own ``train_step`` on the same shapes and crops."""
     import torch
 
+    from dinokit.bench import STEP_SCHEDULE
     from dinokit.config import make_config
     from dinokit.data.synthetic_batch import synthetic_batch
     from dinokit.losses.objective import DINOv2Objective
@@ -163,11 +164,10 @@ def measure_dinokit(full: bool, steps: int, threads: int, profile: bool = False)
     globals_, locals_ = _inputs()
     cfg.masks.probability = 0.5 if full else 0.0
     batch = {**synthetic_batch(cfg, BATCH), "global": globals_, "local": locals_}
-    sched = {"lr": 1e-4, "wd": 0.04, "last_layer_lr": 1e-4, "momentum": 0.996, "teacher_temp": 0.04}
     scaler = grad_scaler("fp32", cpu)
 
     def step() -> None:
-        train_step(student, teacher, objective, optimizer, scaler, batch, sched, "fp32", cpu, 3.0)
+        train_step(student, teacher, objective, optimizer, scaler, batch, STEP_SCHEDULE, "fp32", cpu, 3.0)
 
     return _time_steps(step, steps, profile=profile)
 

@@ -31,6 +31,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+from dinokit.bench import STEP_SCHEDULE  # noqa: E402
 from dinokit.config import make_config  # noqa: E402
 from dinokit.data.synth import ensure_embedded  # noqa: E402
 from dinokit.device import device_kind, device_name, peak_memory_mb, resolve_device, synchronize  # noqa: E402
@@ -42,7 +43,6 @@ from dinokit.train.setup import build_data, build_parts  # noqa: E402
 from dinokit.train.step import MASK_KEYS, clipped_modules, train_step  # noqa: E402
 from dinokit.train.teacher import ema_update  # noqa: E402
 
-SCHED = {"lr": 1e-4, "wd": 0.04, "last_layer_lr": 1e-4, "momentum": 0.996, "teacher_temp": 0.04}
 TINY = ["crops.global_size=32", "crops.local_size=16", "optim.batch_size=8", "crops.eval_size=32"]
 
 
@@ -75,14 +75,14 @@ def timed_step(parts, data, batches, timer: PhaseTimer, precision: str, device: 
         g = batch["global"].to(device, non_blocking=True)
         loc = batch["local"].to(device, non_blocking=True) if "local" in batch else None
         masks, order, rows, weights = (batch[k].to(device, non_blocking=True) for k in MASK_KEYS)
-    apply_schedules(parts.optimizer, SCHED["lr"], SCHED["wd"], SCHED["last_layer_lr"])
+    apply_schedules(parts.optimizer, STEP_SCHEDULE["lr"], STEP_SCHEDULE["wd"], STEP_SCHEDULE["last_layer_lr"])
     with autocast(precision, device):
         with timer("teacher forward"), torch.no_grad():
             t_out = parts.teacher(g, masks=masks, mask_input=False, order=order, rows=rows)
         with timer("student forward"):
             s_out = parts.model(g, loc, masks, order=order, rows=rows)
         with timer("heads and losses"):
-            loss, _ = parts.objective(s_out, t_out, weights, SCHED["teacher_temp"])
+            loss, _ = parts.objective(s_out, t_out, weights, STEP_SCHEDULE["teacher_temp"])
     with timer("backward"):
         parts.optimizer.zero_grad(set_to_none=True)
         parts.scaler.scale(loss).backward()
@@ -94,12 +94,12 @@ def timed_step(parts, data, batches, timer: PhaseTimer, precision: str, device: 
         parts.scaler.step(parts.optimizer)
         parts.scaler.update()
     with timer("EMA"):
-        ema_update(parts.teacher, parts.student, SCHED["momentum"])
+        ema_update(parts.teacher, parts.student, STEP_SCHEDULE["momentum"])
 
 
 def run_step(parts, data, batches, precision: str, device: torch.device) -> None:
     batch = next_batch(data, batches, device)
-    train_step(parts.model, parts.teacher, parts.objective, parts.optimizer, parts.scaler, batch, SCHED,
+    train_step(parts.model, parts.teacher, parts.objective, parts.optimizer, parts.scaler, batch, STEP_SCHEDULE,
                precision, device, 3.0)  # fmt: skip
 
 
@@ -111,7 +111,7 @@ def forward_and_loss(parts, batch: dict, precision: str, device: torch.device) -
         with torch.no_grad():
             t_out = parts.teacher(g, masks=masks, mask_input=False, order=order, rows=rows)
         s_out = parts.model(g, loc, masks, order=order, rows=rows)
-        loss, _ = parts.objective(s_out, t_out, weights, SCHED["teacher_temp"])
+        loss, _ = parts.objective(s_out, t_out, weights, STEP_SCHEDULE["teacher_temp"])
     loss.backward()
 
 
@@ -149,9 +149,9 @@ def measure(args, attention: str, device: torch.device, data_root: Path) -> dict
     augment = count_syncs(lambda: data.batch_crops.on_device(raw, device)) if data.batch_crops else {}
     sample = next_batch(data, batches, device)
     syncs = count_syncs(lambda: train_step(parts.model, parts.teacher, parts.objective, parts.optimizer,
-                                           parts.scaler, sample, SCHED, precision, device, 3.0))  # fmt: skip
+                                           parts.scaler, sample, STEP_SCHEDULE, precision, device, 3.0))  # fmt: skip
     with FlopCounterMode(display=False) as flops:
-        train_step(parts.model, parts.teacher, parts.objective, parts.optimizer, parts.scaler, sample, SCHED,
+        train_step(parts.model, parts.teacher, parts.objective, parts.optimizer, parts.scaler, sample, STEP_SCHEDULE,
                    precision, device, 3.0)  # fmt: skip
     saved = saved_bytes(lambda: forward_and_loss(parts, sample, precision, device))
     flops_per_image = flops.get_total_flops() / b

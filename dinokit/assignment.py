@@ -116,8 +116,7 @@ def _pretrain(ctx: Context) -> str:
 
 
 def _pretrain_done(ctx: Context) -> bool:
-    done, total = runs.run_progress(ctx.run_dir)
-    return bool(total) and done >= total
+    return runs.is_finished(ctx.run_dir)
 
 
 def _eval(ctx: Context) -> str:

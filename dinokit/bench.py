@@ -48,6 +48,8 @@ from dinokit.train.step import train_step
 from dinokit.train.teacher import build_teacher
 
 MODES = ("inference", "backbone", "train_step")
+# The schedule values a timed training step runs with (mid-run values; speed does not depend on them).
+STEP_SCHEDULE = {"lr": 1e-4, "wd": 0.04, "last_layer_lr": 1e-4, "momentum": 0.996, "teacher_temp": 0.04}
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -250,10 +252,9 @@ def _runner(case: BenchCase, mode: str, backend: str, device: torch.device) -> C
     scaler = grad_scaler(case.dtype, device)
     # on the device once, as a loader's pinned batch would be: the step times the model, not copies
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in synthetic_batch(cfg, case.batch).items()}
-    sched = {"lr": 1e-4, "wd": 0.04, "last_layer_lr": 1e-4, "momentum": 0.996, "teacher_temp": 0.04}
 
     def run() -> None:
-        train_step(student, teacher, objective, optimizer, scaler, batch, sched, case.dtype, device, 3.0)
+        train_step(student, teacher, objective, optimizer, scaler, batch, STEP_SCHEDULE, case.dtype, device, 3.0)
 
     return run
 
@@ -316,10 +317,16 @@ def measure_in_fresh_process(*args) -> dict:
     flash; in a fresh process ~110,000 and 1.4-1.6x slower. A fresh process per measurement is
     what a user's own inference or training job sees, and makes each peak RSS its own.
     """
+    return run_in_fresh_process(measure, *args)
+
+
+def run_in_fresh_process(fn: Callable[..., dict], *args) -> dict:
+    """``fn(*args)`` (a top-level function returning a dict) in a new spawned Python process;
+    a process killed on the way (out of memory) gives a status instead of an exception."""
     ctx = multiprocessing.get_context("spawn")
     try:
         with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-            return pool.submit(measure, *args).result()
+            return pool.submit(fn, *args).result()
     except BrokenProcessPool:
         return {"status": "killed (out of memory?)"}
 

@@ -60,11 +60,7 @@ def ablation_results(preset: str) -> dict[str, float]:
     from dinokit.ablations import VARIANTS, ablation_dir, ablation_key, knn_curves
 
     done = {name: ablation_dir(preset, name) for name in VARIANTS}
-    done = {
-        name: d
-        for name, d in done.items()
-        if runs.run_progress(d)[1] and runs.run_progress(d)[0] >= runs.run_progress(d)[1]
-    }
+    done = {name: d for name, d in done.items() if runs.is_finished(d)}
     return {ablation_key(name): round(points[-1][1], 1) for name, points in knn_curves(done).items() if points}
 
 

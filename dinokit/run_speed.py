@@ -15,22 +15,20 @@ the order (on/off, then off/on). Writes ``report/bench/assignment-<run>.json``.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from dinokit import paths, runs
+from dinokit.bench import STEP_SCHEDULE, reset_peak_memory, run_in_fresh_process
 from dinokit.device import device_kind, device_name, peak_memory_mb, resolve_device, synchronize
 from dinokit.models.kernels import describe_attention
-from dinokit.precision import choose_precision
+from dinokit.precision import DTYPES, choose_precision
 
 ON, OFF = "sdpa", "naive"  # FlashAttention on (the fastest fused kernel the device has) / off (explicit softmax)
-SCHED = {"lr": 1e-4, "wd": 0.04, "last_layer_lr": 1e-4, "momentum": 0.996, "teacher_temp": 0.04}
 
 
 def bench_path(run_dir: str | Path) -> Path:
@@ -39,8 +37,6 @@ def bench_path(run_dir: str | Path) -> Path:
 
 def _reset_peak(device: torch.device) -> None:
     """A fresh peak for the next measurement (CUDA's allocator; on Linux the process's resident-set mark)."""
-    from dinokit.bench import reset_peak_memory
-
     if device.type == "cuda":
         torch.cuda.empty_cache()
     reset_peak_memory(device)
@@ -65,7 +61,7 @@ def train_speed(run_dir: Path, attention: str, iters: int, warmup: int, device: 
         batch = next(batches)
         if data.batch_crops is not None:
             batch.update(data.batch_crops.on_device(batch, device))
-        train_step(parts.model, parts.teacher, parts.objective, parts.optimizer, parts.scaler, batch, SCHED,
+        train_step(parts.model, parts.teacher, parts.objective, parts.optimizer, parts.scaler, batch, STEP_SCHEDULE,
                    precision, device, cfg.optim.clip_grad)  # fmt: skip
 
     for _ in range(warmup):
@@ -77,7 +73,7 @@ def train_speed(run_dir: Path, attention: str, iters: int, warmup: int, device: 
         step()
     synchronize(device)
     seconds = time.perf_counter() - start
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    dtype = DTYPES[precision]
     head_dim = parts.student.backbone.embed_dim // parts.student.backbone.num_heads
     return {
         "images_per_s": iters * cfg.optim.batch_size / seconds,
@@ -122,7 +118,7 @@ def test_speed(run_dir: Path, attention: str, device: torch.device) -> dict:
             backbone(normalize(images.to(device, non_blocking=True)))
     synchronize(device)
     alone = time.perf_counter() - start
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    dtype = DTYPES[precision]
     head_dim = backbone.embed_dim // backbone.num_heads
     return {
         "images": n,
@@ -148,15 +144,6 @@ def _measure(kind: str, run_dir: str, attention: str, iters: int, warmup: int, d
         return {"status": "oom"}
     except RuntimeError as exc:  # e.g. no kernel for this device and dtype: recorded, the pipeline goes on
         return {"status": f"error: {str(exc).splitlines()[0][:120]}"}
-
-
-def _in_fresh_process(*args) -> dict:
-    ctx = multiprocessing.get_context("spawn")
-    try:
-        with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-            return pool.submit(_measure, *args).result()
-    except BrokenProcessPool:
-        return {"status": "killed (out of memory?)"}
 
 
 def _summary(samples: list[dict], field: str) -> dict:
@@ -197,7 +184,7 @@ def assignment_speed(
         raise ValueError(f"the speed study needs at least 1 timed step and 1 round (got {iters}, {rounds})")
     run_dir = Path(run_dir)
     device = resolve_device(device)
-    measure = _in_fresh_process if isolate else _measure
+    measure = partial(run_in_fresh_process, _measure) if isolate else _measure
     samples: dict[tuple[str, str], list[dict]] = {}
     for r in range(rounds):
         order = (ON, OFF) if r % 2 == 0 else (OFF, ON)  # alternate, so drift does not favour one side

@@ -150,6 +150,12 @@ def run_progress(run_dir: str | Path) -> tuple[int, int]:
     return done, int(info["total_iters"])
 
 
+def is_finished(run_dir: str | Path) -> bool:
+    """Trained to the end of its planned iterations."""
+    done, total = run_progress(run_dir)
+    return bool(total) and done >= total
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """The metrics log as a list of dicts (step records and kNN records, by iteration)."""
     path = Path(run_dir) / METRICS
