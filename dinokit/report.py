@@ -25,7 +25,7 @@ from dinokit.device import is_cpu_name  # noqa: E402
 from dinokit.runs import CROPS_EXAMPLE, profile_run_dir, read_metrics, run_info  # noqa: E402
 from dinokit.viz import plots  # noqa: E402
 from dinokit.viz.attention_plots import attention_figure, jaccard_figure, pca_figure, snapshots_figure  # noqa: E402
-from dinokit.viz.document import Document, bench_files_for, student_text  # noqa: E402
+from dinokit.viz.document import Document, bench_files_for, student_text, sweep_files  # noqa: E402
 
 NOTEBOOKS = ("01_data_prep", "02_dino_loss_walkthrough", "03_dinov2_pretraining", "04_linear_evaluation",
              "05_flashattention_speed", "06_attention_maps")  # fmt: skip
@@ -308,7 +308,7 @@ def _bench_section(r: Document, bench_dir: Path, run_dir: Path) -> None:
     r.h3("FlashAttention on vs off")
     _assignment_speed(r, bench_dir / f"assignment-{run_dir.name}.json")
     r.p("The generic sweep (fixed shapes, where attention's share grows with the tokens):")
-    files = [f for f in sorted(bench_dir.glob("*.json")) if not f.name.startswith("assignment-")]
+    files = sweep_files(bench_dir)
     info = run_info(run_dir) or {}
     device = info.get("device_name", "")
     chosen, others = bench_files_for(files, device, info.get("preset", "")) if device else (files, [])

@@ -151,9 +151,14 @@ def _inline(text: str) -> str:
     return re.sub(r"(?<!\w)_([^_]+)_(?!\w)", r"<i>\1</i>", out)
 
 
+def sweep_files(bench_dir: Path) -> list[Path]:
+    """The generic sweeps' result files in ``bench_dir``; a run's own study (``assignment-*``) is read apart."""
+    return [f for f in sorted(bench_dir.glob("*.json")) if not f.name.startswith("assignment-")]
+
+
 def bench_files_for(files: list[Path], device: str, preset: str) -> tuple[list[Path], list[Path]]:
-    """The speed-study files of this run's device (those named after its preset, if any), and the rest."""
-    files = [f for f in files if not f.name.startswith("assignment-")]  # one run's own study: read apart
+    """The sweep files (:func:`sweep_files`) of this run's device (those named after its preset, if
+    any), and the rest."""
     ours = [f for f in files if (json.loads(f.read_text()) or [{}])[0].get("device") == device]
     named = [f for f in ours if preset and preset in f.stem]
     chosen = named or ours

@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 from dinokit import paths  # noqa: E402
 from dinokit.runs import profile_run_dir, read_metrics, run_info  # noqa: E402
-from dinokit.viz.document import bench_files_for  # noqa: E402
+from dinokit.viz.document import bench_files_for, sweep_files  # noqa: E402
 
 FPS = 5
 SIZE = (9.6, 5.44)  # inches at 100 dpi: 960 x 544, a multiple of 16 for H.264
@@ -129,9 +129,8 @@ def _frames(run_dir: Path, report_dir: Path) -> Iterator[np.ndarray]:
             fig = snapshots_figure(att, image=i)
             fig.suptitle("CLS attention sharpening across checkpoints", fontsize=14)
             yield from _hold(_render(fig), 3)
-    bench = sorted((report_dir / "bench").glob("*.json")) if (report_dir / "bench").is_dir() else []
+    bench = sweep_files(report_dir / "bench")
     own = report_dir / "bench" / f"assignment-{run_dir.name}.json"
-    bench = [f for f in bench if not f.name.startswith("assignment-")]
     info = run_info(run_dir) or {}
     if info.get("device_name"):  # this run's device and profile only, as the report
         bench = bench_files_for(bench, info["device_name"], info.get("preset", ""))[0]
