@@ -22,7 +22,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from dinokit.config import make_config
 from dinokit.data.synthetic_batch import synthetic_batch
 from dinokit.losses.objective import DINOv2Objective
+from dinokit.models.lean_branch import lean_branches_pay, set_lean_branches
 from dinokit.models.ssl import build_ssl_model
+from dinokit.train.proxies import is_parameter
 from dinokit.train.teacher import build_teacher
 
 # Dense peak TFLOP/s in the precision auto picks there (NVIDIA datasheets): fp16 below sm80, bf16 above.
@@ -42,6 +44,7 @@ def _step(cfg, batch: int, checkpointing: bool) -> tuple[float, float]:
     torch.manual_seed(0)
     student = build_ssl_model(cfg.model, c.global_size)
     student.backbone.grad_checkpointing = checkpointing
+    set_lean_branches(student.backbone, lean_branches_pay("cuda"))  # the GPU's step, measured here
     teacher = build_teacher(student)
     objective = DINOv2Objective(cfg.loss, cfg.model.head_prototypes)
     batch_ = synthetic_batch(cfg, batch)
@@ -51,6 +54,8 @@ def _step(cfg, batch: int, checkpointing: bool) -> tuple[float, float]:
     square: dict[int, int] = {}  # N x N attention probabilities (naive path)
 
     def pack(t: torch.Tensor):
+        if is_parameter(t):  # resident anyway
+            return t
         key, size = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
         saved[key] = size
         if t.dim() >= 3 and t.shape[-1] == t.shape[-2] and t.shape[-1] > 16:

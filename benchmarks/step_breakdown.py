@@ -35,6 +35,7 @@ from dinokit.bench import STEP_SCHEDULE  # noqa: E402
 from dinokit.config import make_config  # noqa: E402
 from dinokit.data.synth import ensure_embedded  # noqa: E402
 from dinokit.device import device_kind, device_name, peak_memory_mb, resolve_device, synchronize  # noqa: E402
+from dinokit.models.lean_branch import set_lean_branches  # noqa: E402
 from dinokit.precision import autocast, choose_precision  # noqa: E402
 from dinokit.train.dist import DistInfo  # noqa: E402
 from dinokit.train.param_groups import apply_schedules  # noqa: E402
@@ -126,6 +127,8 @@ def setup(args, attention: str, device: torch.device, data_root: Path):
     data = build_data(cfg, DistInfo(device=device), device)
     data.sampler.set_range(0, 1 << 30)  # as many batches as asked: the run's own sequence
     parts = build_parts(cfg, device, precision, resume=False, world=1)
+    if args.lean != "auto":  # e.g. "on" on the CPU: the blocks as a GPU runs them
+        set_lean_branches(parts.student.backbone, args.lean == "on")
     return cfg, precision, data, iter(data.loader), parts
 
 
@@ -157,7 +160,8 @@ def measure(args, attention: str, device: torch.device, data_root: Path) -> dict
     flops_per_image = flops.get_total_flops() / b
     out = {
         "preset": args.preset, "attention": attention, "precision": precision, "batch": b,
-        "compile": args.compile, "device": device_name(device), "torch": torch.__version__,
+        "compile": args.compile, "lean_branches": parts.student.backbone.blocks[0].lean,
+        "device": device_name(device), "torch": torch.__version__,
         "images_per_s": b / step_s, "step_ms": step_s * 1000,
         "phases_ms": {k: 1000 * statistics.median(v) for k, v in timer.seconds.items()},
         "gflop_per_image": flops_per_image / 1e9,
@@ -193,6 +197,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--lean", choices=["auto", "on", "off"], default="auto",
+                        help="memory-lean block branches; auto: as training picks for the device")  # fmt: skip
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="the device's dense matmul peak, for MFU")
     parser.add_argument("--tiny", action="store_true", help="toy sizes on the ci preset (runs in make test)")
     parser.add_argument("--trace", type=Path, help="also a torch.profiler Chrome trace of 3 steps (first attention)")

@@ -40,6 +40,7 @@ from dinokit.device import device_kind, device_name, peak_memory_mb, resolve_dev
 from dinokit.losses.objective import DINOv2Objective
 from dinokit.models.attention import BACKENDS, flash_attn_available
 from dinokit.models.kernels import describe_attention, flash_attn_problem
+from dinokit.models.lean_branch import lean_branches_pay, set_lean_branches
 from dinokit.models.ssl import build_ssl_model
 from dinokit.models.vit import build_vit
 from dinokit.precision import choose_precision, grad_scaler
@@ -246,6 +247,7 @@ def _runner(case: BenchCase, mode: str, backend: str, device: torch.device) -> C
         },
     )  # fmt: skip
     student = build_ssl_model(cfg.model, case.img_size).to(device)
+    set_lean_branches(student.backbone, lean_branches_pay(device.type))  # as training does there
     teacher = build_teacher(student)
     objective = DINOv2Objective(cfg.loss, cfg.model.head_prototypes).to(device)
     optimizer = build_optimizer(student, device)

@@ -41,7 +41,12 @@ def _worker(
          "MASTER_PORT": str(port), "DINOKIT_DATA_DIR": os.path.join(tmp, "data")}
     )  # fmt: skip
     torch.set_num_threads(1)
+    from dinokit.train import setup
     from dinokit.train.loop import pretrain
+
+    extra = dict(extra)
+    if extra.pop("lean", False):  # the blocks as a GPU runs them (the CPU's choice is off)
+        setup.lean_branches_pay = lambda device_type: True
 
     def signal_rank0(iteration: int, logs: dict) -> None:
         if rank == 0 and iteration == stop_at:  # a signal that reaches one process only
@@ -54,7 +59,9 @@ def _worker(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [{}, {"train.fsdp": True}], ids=["ddp", "fsdp"])
+@pytest.mark.parametrize(
+    "extra", [{}, {"train.fsdp": True}, {"train.fsdp": True, "lean": True}], ids=["ddp", "fsdp", "fsdp-lean"]
+)
 def test_two_process_step_matches_single_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra: dict) -> None:
     monkeypatch.setenv("DINOKIT_DATA_DIR", str(tmp_path / "data"))
     from dinokit.train.loop import pretrain

@@ -94,11 +94,20 @@ class Attention(nn.Module):
         The training forward uses it in the last block, whose other outputs no loss reads. Every
         backend takes such a call (with ``sdpa``, a kernel that cannot hands it to the next in line).
         """
-        b, n, c = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
+        return self.attend(self.qkv(x), queries)
+
+    def attend(self, qkv: torch.Tensor, queries: torch.Tensor | None = None, proj: tuple | None = None) -> torch.Tensor:
+        """Attention and the output projection from the qkv projection's output (b, n, 3c).
+
+        ``proj``: (weight, bias) to use instead of ``self.proj``'s (a block folds its LayerScale in).
+        """
+        b, n, c3 = qkv.shape
+        c = c3 // 3
+        weight, bias = proj or (self.proj.weight, self.proj.bias)
+        qkv = qkv.reshape(b, n, 3, self.num_heads, self.head_dim)
         if self.backend == "flash-attn":
             out = flash_attn_package(qkv, queries, self.scale)  # (b, m, h, d)
-            return self.proj(out.reshape(b, out.shape[1], c))
+            return F.linear(out.reshape(b, out.shape[1], c), weight, bias)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (b, h, n, d)
         if queries is not None:
             index = queries[:, None, :, None].expand(-1, self.num_heads, -1, self.head_dim)
@@ -112,7 +121,7 @@ class Attention(nn.Module):
         else:
             with _sdpa_context(self.backend, q):
                 out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+        return F.linear(out.transpose(1, 2).reshape(b, n, c), weight, bias)
 
 
 def set_attention_backend(model: nn.Module, backend: str) -> nn.Module:

@@ -27,6 +27,7 @@ def compile_blocks(backbone: VisionTransformer, backend: str = "inductor") -> bo
     blocks = list(backbone.blocks)
     try:
         for block in blocks:
+            block.lean = False  # the compiler picks what to keep for the backward
             block.compile(dynamic=False, backend=backend)
         _probe(blocks[0], backbone.embed_dim)
     except Exception as err:  # a platform without a working compiler: never a crash

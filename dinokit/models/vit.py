@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dinokit.models.attention import Attention, check_backend, set_attention_backend
+from dinokit.models.lean_branch import compute_dtype, norm_linear, norm_mlp, scaled_weights
 from dinokit.models.pos_embed import interpolate_pos_embed
 
 # name -> (embed_dim, depth, num_heads)
@@ -45,7 +46,9 @@ def _drop_add_residual_subset(
     idx = torch.randperm(b, device=x.device)[:keep]
     residual = branch(*(t[idx] for t in (inputs or (x,))))
     scale = b / keep  # unbiased: E[update] equals the full residual
-    return torch.index_add(x.flatten(1), 0, idx, residual.to(x.dtype).flatten(1), alpha=scale).view_as(x)
+    # index_put, not index_add: index_add keeps its (fp32) source for the backward, this only idx
+    update = residual.to(x.dtype).flatten(1) * scale
+    return x.flatten(1).index_put((idx,), update, accumulate=True).view_as(x)
 
 
 class Block(nn.Module):
@@ -69,11 +72,22 @@ class Block(nn.Module):
         self.drop_path_rate = drop_path
         self.efficient_drop_path = efficient_drop_path
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.lean = False  # see _lean: training turns it on where it pays (lean_branches_pay)
+
+    def _lean(self) -> bool:
+        """Memory-lean branches (:mod:`dinokit.models.lean_branch`) wherever autograd records; a
+        compiled block leaves what to keep to the compiler."""
+        return self.lean and torch.is_grad_enabled()
 
     def _attn_branch(self, x: torch.Tensor, queries: torch.Tensor | None = None) -> torch.Tensor:
+        if self._lean():
+            proj = scaled_weights(self.attn.proj, self.ls1, compute_dtype(x))
+            return self.attn.attend(norm_linear(x, self.norm1, self.attn.qkv), queries, proj)
         return self.ls1(self.attn(self.norm1(x), queries))
 
     def _mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        if self._lean():
+            return norm_mlp(x, self.norm2, self.mlp, self.ls2)
         return self.ls2(self.mlp(self.norm2(x)))
 
     def forward(self, x: torch.Tensor, queries: torch.Tensor | None = None) -> torch.Tensor:

@@ -77,13 +77,21 @@ def count_syncs(fn: Callable[[], object]) -> Counter[str]:
     return counter.syncs
 
 
+def is_parameter(t: torch.Tensor) -> bool:
+    """A parameter or a view of one (a leaf that requires grad: a model input counts too)."""
+    base = t if t._base is None else t._base
+    return base.is_leaf and base.requires_grad
+
+
 def saved_bytes(fn: Callable[[], object]) -> int:
-    """Bytes of distinct storages autograd saves for the backward while ``fn`` runs its forward."""
+    """Bytes of distinct storages autograd saves for the backward while ``fn`` runs its forward:
+    what it keeps alive beyond the parameters (which are resident anyway)."""
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
+        if not is_parameter(t):  # resident anyway
+            storage = t.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

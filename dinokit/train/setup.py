@@ -25,6 +25,7 @@ from dinokit.data.source import prepare_split, resolve_data_root
 from dinokit.data.split import Split
 from dinokit.losses.objective import DINOv2Objective
 from dinokit.models.compile import compile_blocks
+from dinokit.models.lean_branch import lean_branches_pay, set_lean_branches
 from dinokit.models.ssl import SSLModel, build_architecture, build_ssl_model
 from dinokit.precision import grad_scaler
 from dinokit.train.checkpoint import set_rng_state
@@ -135,8 +136,10 @@ def build_parts(cfg: Config, device: torch.device, precision: str, resume: bool,
     if world > 1 and not sharded:
         ids = [device.index] if device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(student, device_ids=ids)
-    if cfg.train.compile:  # per block, static shapes; eager after one warning where it fails
-        compile_blocks(student.backbone) and compile_blocks(teacher.backbone)
+    # per block, static shapes; eager after one warning where it fails
+    compiled = cfg.train.compile and compile_blocks(student.backbone) and compile_blocks(teacher.backbone)
+    if not compiled:  # a compiled block leaves what to keep for the backward to the compiler
+        set_lean_branches(student.backbone, lean_branches_pay(device.type))
     return TrainParts(student, teacher, model, objective, optimizer, grad_scaler(precision, device), sharded)
 
 
