@@ -195,7 +195,7 @@ def main() -> int:
     for backend in ("sdpa", "naive"):
         bd_args = argparse.Namespace(
             preset=size["preset"], tiny=args.tiny, batch=0, steps=2 if args.tiny else 10, warmup=1 if args.tiny else 3,
-            workers=0 if args.tiny else args.workers, compile=False, peak_tflops=peak or 0.0,
+            workers=0 if args.tiny else args.workers, compile=False, peak_tflops=peak or 0.0, lean="auto",
         )  # fmt: skip
         record = step(f"breakdown_{backend}", lambda b=backend, a=bd_args: step_breakdown.measure(a, b, device, data))
         if record:

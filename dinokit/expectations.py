@@ -5,7 +5,8 @@ or the machine changed. Now ``notebooks/expectations.json`` holds one entry per 
 (profile, machine: CPU model, AVX-512 or not, cores, torch; commit, date, how it was run; the
 results), written by ``dinokit expectations RUN`` from a finished, evaluated run, and the
 notebooks render their expectation tables from it (:func:`expected_table`). A value is a number,
-or ``[low, high]`` for a range over several runs.
+or ``[low, high]`` for a range over several runs. GPU expectations come from the recorded GPU
+sweeps in ``report/bench/gpu-*.json`` (:func:`gpu_sweep_table`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ COLUMNS = {
     "own_test_speedup": ("this run's testing pass, on / off", "×"),
     "own_test_alone_speedup": ("testing, model alone, on / off", "×"),
     "vits8_224_inference_speedup": ("ViT-S/8 inference at 224 px, on / off", "×"),
+    "op_145": ("attention op, 145 tokens, on / off", "×"),
+    "op_785": ("attention op, 785 tokens, on / off", "×"),
+    "op_1601": ("attention op, 1,601 tokens, on / off", "×"),
+    "op_3137": ("attention op, 3,137 tokens, on / off", "×"),
     "epochs": ("epochs trained", ""),
     "step_s": ("seconds per step", " s"),
     "pretrain_s": ("pre-training", " s"),
@@ -216,3 +221,40 @@ def expected_table(profile: str, keys: list[str], path: str | Path | None = None
         lines.append("| " + " | ".join(cells) + " |")
     sources = "; ".join(f"{e['commit']}: {e['source']}" for e in entries)
     return "\n".join(lines) + f"\n\n*Recorded runs ({sources}).*"
+
+
+def _rate(r: dict | None) -> str:
+    if r is None:
+        return "–"
+    return "out of memory" if r["status"] == "oom" else f"{r['images_per_s']:,.0f} img/s"
+
+
+def _peaks(off: dict | None, on: dict) -> str:
+    gb = lambda r: "–" if r is None or r["status"] != "ok" else f"{r['peak_mem_mb'] / 1024:.1f}"  # noqa: E731
+    return f"{gb(off)} / {gb(on)}"
+
+
+def gpu_sweep_table(files: list[Path]) -> str:
+    """Recorded GPU sweeps (``report/bench/gpu-*.json``) as one markdown table: per case, images/s
+    with FlashAttention off and on, the ratio, and peak memory off / on."""
+    if not files:
+        return "*No GPU sweep recorded yet: `bash benchmarks/gpu_speed_study.sh` writes one.*"
+    head = "| device | case | off (`naive`) | on (`sdpa`) | on / off | peak GB off / on |"
+    lines = [head, "|---|---|---|---|---|---|"]
+    devices = []
+    for f in files:
+        cases: dict[tuple, dict[str, dict]] = {}
+        for r in json.loads(Path(f).read_text()):
+            key = (r["mode"], r["arch"], r["patch"], r["img_size"], r["tokens"], r["batch"], r["dtype"])
+            cases.setdefault(key, {})[r["backend"]] = r
+        for (mode, arch, patch, px, tokens, batch, dtype), by in cases.items():
+            off, on = by.get("naive"), by.get("sdpa")
+            if on is None:
+                continue
+            ratio = on["images_per_s"] / off["images_per_s"] if off and off["status"] == on["status"] == "ok" else None
+            case = f"{mode}, {arch}/{patch} at {px} px ({tokens} tokens), batch {batch}, {dtype}"
+            lines.append(f"| {on['device']} | {case} | {_rate(off)} | {_rate(on)} | {_value(ratio, '×')} | "
+                         f"{_peaks(off, on)} |")  # fmt: skip
+            devices.append(f"{on['device']} (torch {on['torch']})")
+    names = ", ".join(dict.fromkeys(devices))
+    return "\n".join(lines) + f"\n\n*Recorded sweeps: {', '.join(Path(f).name for f in files)}; {names}.*"

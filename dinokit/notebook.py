@@ -79,7 +79,18 @@ def show_expected(profile: str, keys: list[str]) -> str:
     the notebooks' "Expect" numbers, never typed by hand."""
     from dinokit.expectations import expected_table
 
-    table = expected_table(profile, keys)
+    return _show_markdown(expected_table(profile, keys))
+
+
+def show_gpu_expected() -> str:
+    """Display the recorded GPU sweeps (``report/bench/gpu-*.json``) as one table: notebook 05's
+    GPU expectations, each row with its device."""
+    from dinokit.expectations import gpu_sweep_table
+
+    return _show_markdown(gpu_sweep_table(sorted((paths.report_dir() / "bench").glob("gpu-*.json"))))
+
+
+def _show_markdown(table: str) -> str:
     try:
         from IPython.display import Markdown, display
 

@@ -10,7 +10,7 @@ from dinokit.expectations import COLUMNS, expectations_path, expected_table
 GENERATED = {
     "03_dinov2_pretraining": ["cell-09", "cell-13"],
     "04_linear_evaluation": ["cell-02b"],
-    "05_flashattention_speed": ["cell-07"],
+    "05_flashattention_speed": ["cell-05", "cell-07"],
     "06_attention_maps": ["cell-09", "cell-11"],
 }
 TYPED_RESULT = re.compile(r"\d+(?:\.\d+)?\s?(?:%|×)")
@@ -43,3 +43,36 @@ def test_the_table_shows_each_machine_with_its_commit() -> None:
     assert "no AVX-512" in table and "AVX512-BF16" in table
     assert "5bca553" in table and "33.7 %" in table and "0.43 s" in table
     assert "No recorded run" in expected_table("har-vits8", ["knn"])
+
+
+def test_the_gpu_paragraph_types_no_results_and_renders_the_recorded_sweeps() -> None:
+    from dinokit.expectations import gpu_sweep_table
+
+    cells = json.loads((paths.repo_root() / "notebooks" / "05_flashattention_speed.ipynb").read_text())["cells"]
+    i = next(k for k, c in enumerate(cells) if c["id"] == "cell-09")
+    expect = next(p for p in "".join(cells[i]["source"]).split("\n\n") if p.startswith("**Expect on a GPU**"))
+    assert not TYPED_RESULT.findall(expect), TYPED_RESULT.findall(expect)
+    assert "show_gpu_expected(" in "".join(cells[i + 1]["source"])
+    table = gpu_sweep_table(sorted((paths.repo_root() / "report" / "bench").glob("gpu-*.json")))
+    row = next(r for r in table.splitlines() if "inference, vit_small/8 at 224 px (785 tokens), batch 128" in r)
+    assert "NVIDIA H200" in row and "1,316 img/s" in row and "4,077 img/s" in row and "3.10×" in row
+    assert "out of memory" in table and "torch 2.11" in table
+    assert "No GPU sweep recorded" in gpu_sweep_table([])
+
+
+def test_the_attention_op_ranges_are_recorded_for_this_machine_kind(tmp_path, monkeypatch) -> None:
+    import sys
+
+    sys.path.insert(0, str(paths.repo_root() / "benchmarks"))
+    import attention_op_record
+
+    me = {"cpu": "Some CPU", "avx512": False, "avx512_bf16": False, "cores": 2, "torch": "2.14.1"}
+    monkeypatch.setattr(attention_op_record, "this_machine", lambda: me)
+    other = {**me, "cpu": "Other CPU"}
+    entries = [{"profile": "cpu-demo", "machine": m, "commit": c, "date": "d", "source": "s", "results": {}}
+               for m, c in ((me, "old"), (other, "x"), (me, "new"))]  # fmt: skip
+    path = tmp_path / "expectations.json"
+    path.write_text(json.dumps(entries))
+    assert "entry of new" in attention_op_record.record({145: [1.0, 1.1]}, 3, path)
+    old, _, new = json.loads(path.read_text())
+    assert new["results"] == {"op_145": [1.0, 1.1]} and old["results"] == {} and "3 fresh processes" in new["source"]
