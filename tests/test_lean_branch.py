@@ -120,3 +120,30 @@ def test_training_set_up_picks_the_lean_branches_by_device() -> None:
 
     parts = build_parts(make_config("ci"), torch.device("cpu"), "fp32", resume=False, world=1)
     assert not any(block.lean for block in parts.student.backbone.blocks)
+
+
+def test_fp16_keeps_a_large_residual_finite_and_the_input_gradient_full_precision() -> None:
+    """A residual above fp16's 65,504 is kept in bf16 (fp16 would make it inf: NaN gradients
+    under a finite loss); the input's gradient comes back in fp32, not rounded to 16 bits."""
+    block = _block(torch.float32)
+    x = torch.randn(2, 17, D)
+    x[0, 0, 0] = 7e4
+    for dtype in (torch.float16, torch.bfloat16):
+        block.lean = True
+        block.zero_grad(set_to_none=True)
+        xg = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=dtype):
+            y = block(xg)
+        y.float().pow(2).mean().backward()
+        grads = [xg.grad] + [p.grad for p in block.parameters()]
+        assert all(torch.isfinite(g).all() for g in grads), dtype
+        assert not torch.equal(xg.grad, xg.grad.to(dtype).float()), dtype
+
+
+def test_a_second_derivative_is_refused_not_silently_wrong() -> None:
+    block = _block(torch.float64)
+    block.lean = True
+    x = torch.randn(1, 5, D, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(block(x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()

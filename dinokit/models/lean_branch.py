@@ -14,8 +14,9 @@ same in eager mode, on every device:
   the normalised input and the GELU are recomputed.
 
 LayerScale is folded into the branch's last matmul (:func:`scaled_weights`), so its input is not
-kept either. Under bf16/fp16 autocast the kept input is rounded to 16 bits, as DINOv2's own
-mixed precision runs the whole block (FSDP ``param_dtype``). In fp32 and fp64 the values and
+kept either. Under bf16/fp16 autocast the kept input is rounded to 16 bits (bf16 in both: fp16
+would overflow on a large residual), as DINOv2's own mixed precision runs the whole block (FSDP
+``param_dtype``); the input's gradient stays fp32. In fp32 and fp64 the values and
 gradients equal the plain modules' up to rounding (the folded LayerScale multiplies earlier);
 tested.
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 
 def lean_branches_pay(device_type: str) -> bool:
@@ -78,14 +80,20 @@ def _linear_grads(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has
     return grad_x, g2.t() @ x2, g2.sum(0) if has_bias else None
 
 
-def _norm_backward(x: torch.Tensor, norm: tuple, dtype: torch.dtype, grad_y: torch.Tensor) -> tuple:
-    """Recompute the LayerNorm from the kept input; its gradients for input, weight and bias."""
-    weight, bias, _ = norm
+def _saved_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the input is kept in: the compute dtype, but bf16 for fp16 (an fp32 residual above
+    65,504 would turn to inf in fp16 and make every gradient NaN while the loss stays finite)."""
+    return torch.bfloat16 if dtype == torch.float16 else dtype
+
+
+def _recompute_norm(kept: torch.Tensor, norm: tuple, in_dtype: torch.dtype, dtype: torch.dtype) -> tuple:
+    """The LayerNorm's output recomputed from the kept input, with the leaves of its graph (input
+    widened to at least fp32 first, so the input's gradient comes back in full precision)."""
+    weight, bias, eps = norm
     with torch.enable_grad():
-        x = x.detach().requires_grad_()
+        x = kept.detach().to(torch.promote_types(in_dtype, torch.float32)).requires_grad_()
         w, b = weight.detach().requires_grad_(), bias.detach().requires_grad_()
-        y = _layer_norm(x, (w, b, norm[2]), dtype)
-        return torch.autograd.grad(y, (x, w, b), grad_y)
+        return _layer_norm(x, (w, b, eps), dtype), (x, w, b)
 
 
 class _NormLinear(torch.autograd.Function):
@@ -93,18 +101,18 @@ class _NormLinear(torch.autograd.Function):
     def forward(ctx, x, norm_w, norm_b, eps, weight, bias, dtype):
         with torch.autocast(x.device.type, enabled=False):
             out = _linear(_layer_norm(x, (norm_w, norm_b, eps), dtype), weight, bias)
-        ctx.save_for_backward(x.to(dtype), norm_w, norm_b, weight)
+        ctx.save_for_backward(x.to(_saved_dtype(dtype)), norm_w, norm_b, weight)
         ctx.eps, ctx.in_dtype, ctx.has_bias = eps, x.dtype, bias is not None
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         x, norm_w, norm_b, weight = ctx.saved_tensors
-        norm = (norm_w, norm_b, ctx.eps)
         with torch.autocast(x.device.type, enabled=False):
-            y = _layer_norm(x, norm, grad.dtype).detach()
-            grad_y, grad_w, grad_b = _linear_grads(grad, y, weight, ctx.has_bias)
-            grad_x, grad_nw, grad_nb = _norm_backward(x, norm, grad.dtype, grad_y)
+            y, leaves = _recompute_norm(x, (norm_w, norm_b, ctx.eps), ctx.in_dtype, grad.dtype)
+            grad_y, grad_w, grad_b = _linear_grads(grad, y.detach(), weight, ctx.has_bias)
+            grad_x, grad_nw, grad_nb = torch.autograd.grad(y, leaves, grad_y)
         grad_b = None if grad_b is None else grad_b.to(weight.dtype)
         return grad_x.to(ctx.in_dtype), grad_nw, grad_nb, None, grad_w.to(weight.dtype), grad_b, None
 
@@ -115,23 +123,23 @@ class _NormMlp(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             hidden = _linear(_layer_norm(x, (norm_w, norm_b, eps), dtype), w1, b1)
             out = _linear(F.gelu(hidden), w2, b2)
-        ctx.save_for_backward(x.to(dtype), norm_w, norm_b, w1, w2, hidden)
+        ctx.save_for_backward(x.to(_saved_dtype(dtype)), norm_w, norm_b, w1, w2, hidden)
         ctx.eps, ctx.in_dtype, ctx.bias = eps, x.dtype, (b1 is not None, b2 is not None)
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         x, norm_w, norm_b, w1, w2, hidden = ctx.saved_tensors
-        norm = (norm_w, norm_b, ctx.eps)
         with torch.autocast(x.device.type, enabled=False):
             with torch.enable_grad():
                 h = hidden.detach().requires_grad_()
                 act = F.gelu(h)
             grad_act, grad_w2, grad_b2 = _linear_grads(grad, act.detach(), w2, ctx.bias[1])
             (grad_h,) = torch.autograd.grad(act, h, grad_act)
-            y = _layer_norm(x, norm, grad.dtype).detach()
-            grad_y, grad_w1, grad_b1 = _linear_grads(grad_h, y, w1, ctx.bias[0])
-            grad_x, grad_nw, grad_nb = _norm_backward(x, norm, grad.dtype, grad_y)
+            y, leaves = _recompute_norm(x, (norm_w, norm_b, ctx.eps), ctx.in_dtype, grad.dtype)
+            grad_y, grad_w1, grad_b1 = _linear_grads(grad_h, y.detach(), w1, ctx.bias[0])
+            grad_x, grad_nw, grad_nb = torch.autograd.grad(y, leaves, grad_y)
         b1 = None if grad_b1 is None else grad_b1.to(w1.dtype)
         b2 = None if grad_b2 is None else grad_b2.to(w2.dtype)
         return grad_x.to(ctx.in_dtype), grad_nw, grad_nb, None, grad_w1.to(w1.dtype), b1, grad_w2.to(w2.dtype), b2, None

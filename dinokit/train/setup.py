@@ -137,8 +137,10 @@ def build_parts(cfg: Config, device: torch.device, precision: str, resume: bool,
         ids = [device.index] if device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(student, device_ids=ids)
     # per block, static shapes; eager after one warning where it fails
-    compiled = cfg.train.compile and compile_blocks(student.backbone) and compile_blocks(teacher.backbone)
-    if not compiled:  # a compiled block leaves what to keep for the backward to the compiler
+    compiled = cfg.train.compile and compile_blocks(student.backbone)
+    if compiled:
+        compile_blocks(teacher.backbone)
+    else:  # a compiled block leaves what to keep for the backward to the compiler
         set_lean_branches(student.backbone, lean_branches_pay(device.type))
     return TrainParts(student, teacher, model, objective, optimizer, grad_scaler(precision, device), sharded)
 
