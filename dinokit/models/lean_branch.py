@@ -87,13 +87,25 @@ def _saved_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _recompute_norm(kept: torch.Tensor, norm: tuple, in_dtype: torch.dtype, dtype: torch.dtype) -> tuple:
-    """The LayerNorm's output recomputed from the kept input, with the leaves of its graph (input
-    widened to at least fp32 first, so the input's gradient comes back in full precision)."""
+    """The LayerNorm's output (in the matmul ``dtype``) recomputed from the kept input, widened to
+    at least fp32 first so the input's gradient comes back in full precision; and what
+    :func:`_norm_grads` needs."""
     weight, bias, eps = norm
-    with torch.enable_grad():
-        x = kept.detach().to(torch.promote_types(in_dtype, torch.float32)).requires_grad_()
-        w, b = weight.detach().requires_grad_(), bias.detach().requires_grad_()
-        return _layer_norm(x, (w, b, eps), dtype), (x, w, b)
+    wide = torch.promote_types(in_dtype, torch.float32)
+    x, w, b = kept.to(wide), weight.to(wide), bias.to(wide)
+    out, mean, rstd = torch.native_layer_norm(x, weight.shape, w, b, eps)
+    return out.to(dtype), (x, w, b, mean, rstd)
+
+
+def _norm_grads(grad_y: torch.Tensor, state: tuple, weight: torch.Tensor) -> tuple:
+    """The LayerNorm's gradients for input, weight and bias, by PyTorch's own backward kernel
+    (no graph built in the backward)."""
+    x, w, b, mean, rstd = state
+    mask = [True, True, True]
+    grad_x, grad_w, grad_b = torch.ops.aten.native_layer_norm_backward(
+        grad_y.to(x.dtype), x, w.shape, mean, rstd, w, b, mask
+    )
+    return grad_x, grad_w.to(weight.dtype), grad_b.to(weight.dtype)
 
 
 class _NormLinear(torch.autograd.Function):
@@ -110,9 +122,9 @@ class _NormLinear(torch.autograd.Function):
     def backward(ctx, grad):
         x, norm_w, norm_b, weight = ctx.saved_tensors
         with torch.autocast(x.device.type, enabled=False):
-            y, leaves = _recompute_norm(x, (norm_w, norm_b, ctx.eps), ctx.in_dtype, grad.dtype)
-            grad_y, grad_w, grad_b = _linear_grads(grad, y.detach(), weight, ctx.has_bias)
-            grad_x, grad_nw, grad_nb = torch.autograd.grad(y, leaves, grad_y)
+            y, state = _recompute_norm(x, (norm_w, norm_b, ctx.eps), ctx.in_dtype, grad.dtype)
+            grad_y, grad_w, grad_b = _linear_grads(grad, y, weight, ctx.has_bias)
+            grad_x, grad_nw, grad_nb = _norm_grads(grad_y, state, norm_w)
         grad_b = None if grad_b is None else grad_b.to(weight.dtype)
         return grad_x.to(ctx.in_dtype), grad_nw, grad_nb, None, grad_w.to(weight.dtype), grad_b, None
 
@@ -132,14 +144,11 @@ class _NormMlp(torch.autograd.Function):
     def backward(ctx, grad):
         x, norm_w, norm_b, w1, w2, hidden = ctx.saved_tensors
         with torch.autocast(x.device.type, enabled=False):
-            with torch.enable_grad():
-                h = hidden.detach().requires_grad_()
-                act = F.gelu(h)
-            grad_act, grad_w2, grad_b2 = _linear_grads(grad, act.detach(), w2, ctx.bias[1])
-            (grad_h,) = torch.autograd.grad(act, h, grad_act)
-            y, leaves = _recompute_norm(x, (norm_w, norm_b, ctx.eps), ctx.in_dtype, grad.dtype)
-            grad_y, grad_w1, grad_b1 = _linear_grads(grad_h, y.detach(), w1, ctx.bias[0])
-            grad_x, grad_nw, grad_nb = torch.autograd.grad(y, leaves, grad_y)
+            grad_act, grad_w2, grad_b2 = _linear_grads(grad, F.gelu(hidden), w2, ctx.bias[1])
+            grad_h = torch.ops.aten.gelu_backward(grad_act, hidden)
+            y, state = _recompute_norm(x, (norm_w, norm_b, ctx.eps), ctx.in_dtype, grad.dtype)
+            grad_y, grad_w1, grad_b1 = _linear_grads(grad_h, y, w1, ctx.bias[0])
+            grad_x, grad_nw, grad_nb = _norm_grads(grad_y, state, norm_w)
         b1 = None if grad_b1 is None else grad_b1.to(w1.dtype)
         b2 = None if grad_b2 is None else grad_b2.to(w2.dtype)
         return grad_x.to(ctx.in_dtype), grad_nw, grad_nb, None, grad_w1.to(w1.dtype), b1, grad_w2.to(w2.dtype), b2, None
