@@ -35,7 +35,7 @@ def lean_branches_pay(device_type: str) -> bool:
     On GPUs (and other accelerators) the saved activations set the peak memory, hence the batch
     that fits; recomputing a LayerNorm and a GELU is cheap beside the matmuls. On the CPU memory is
     plentiful and the recompute is not free: a ``cpu-demo`` step ran at 0.87x with them
-    (``benchmarks/step_vs_commit.py``, 2-core EPYC, fp32)."""
+    (``benchmarks/step_vs_commit.py`` against f12e459, 2-core EPYC, fp32)."""
     return device_type != "cpu"
 
 
@@ -160,8 +160,8 @@ def norm_linear(x: torch.Tensor, norm: nn.LayerNorm, linear: nn.Linear) -> torch
 
 
 def norm_mlp(x: torch.Tensor, norm: nn.LayerNorm, mlp: nn.Module, scale: nn.Module) -> torch.Tensor:
-    """``scale(mlp(norm(x)))`` for timm's ``Mlp`` (fc1, GELU, fc2) and a LayerScale (or Identity),
-    keeping only ``x`` (in the compute dtype) and fc1's output for the backward."""
+    """``scale(mlp(norm(x)))`` for timm's ``Mlp`` (fc1, exact GELU, fc2, as the blocks build it)
+    and a LayerScale (or Identity), keeping only ``x`` and fc1's output for the backward."""
     dtype = compute_dtype(x)
     w2, b2 = scaled_weights(mlp.fc2, scale, dtype)
     args = (norm.weight, norm.bias, norm.eps, mlp.fc1.weight, mlp.fc1.bias, w2, b2)
