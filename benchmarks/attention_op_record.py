@@ -13,35 +13,14 @@ is reported as median and range over the rounds, and recorded as the range, in t
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import statistics
-from pathlib import Path
 
 from dinokit.bench import attention_op_sweep, run_in_fresh_process
-from dinokit.expectations import _commit, expectations_path, this_machine
+from dinokit.expectations import add_to_latest_entry
 
 
 def sweep_on_cpu() -> dict:
     return {"rows": attention_op_sweep(device="cpu")}
-
-
-def record(ranges: dict[int, list[float]], rounds: int, path: Path | None = None) -> str:
-    """Add ``op_<tokens>`` ranges to this machine kind's latest ``cpu-demo`` entry; its description."""
-    path, me = path or expectations_path(), this_machine()
-    entries = json.loads(path.read_text())
-    mine = [e for e in entries if e["profile"] == "cpu-demo" and
-            (e["machine"]["cpu"], e["machine"]["avx512"]) == (me["cpu"], me["avx512"])]  # fmt: skip
-    if not mine:
-        raise SystemExit("no cpu-demo entry for this machine kind yet: record a demo run first (dinokit expectations)")
-    entry = mine[-1]
-    entry["results"].update({f"op_{n}": r for n, r in ranges.items()})
-    entry["source"] += (
-        f"; attention op: benchmarks/attention_op_record.py, {rounds} fresh processes, "
-        f"{_commit()}, {dt.date.today().isoformat()}"
-    )
-    path.write_text(json.dumps(entries, indent=1) + "\n")
-    return f"{entry['machine']['cpu']} entry of {entry['commit']}"
 
 
 def main() -> None:
@@ -58,8 +37,10 @@ def main() -> None:
     for n, values in by_tokens.items():
         print(f"{n:>5} tokens: on / off {statistics.median(values):.2f}x (range {min(values):.2f}-{max(values):.2f})")
     if args.record:
-        ranges = {n: [round(min(v), 2), round(max(v), 2)] for n, v in by_tokens.items()}
-        print("recorded in the", record(ranges, args.rounds))
+        ranges = {f"op_{n}": [round(min(v), 2), round(max(v), 2)] for n, v in by_tokens.items()}
+        how = f"attention op: benchmarks/attention_op_record.py, {args.rounds} fresh processes"
+        entry = add_to_latest_entry(ranges, how)
+        print(f"recorded in the {entry['machine']['cpu']} entry of {entry['commit']}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 import json
 import re
 
+import pytest
+
 from dinokit import paths
 from dinokit.expectations import COLUMNS, expectations_path, expected_table
 
@@ -60,19 +62,20 @@ def test_the_gpu_paragraph_types_no_results_and_renders_the_recorded_sweeps() ->
     assert "No GPU sweep recorded" in gpu_sweep_table([])
 
 
-def test_the_attention_op_ranges_are_recorded_for_this_machine_kind(tmp_path, monkeypatch) -> None:
-    import sys
-
-    sys.path.insert(0, str(paths.repo_root() / "benchmarks"))
-    import attention_op_record
+def test_a_measurement_apart_from_a_run_joins_this_machine_kinds_latest_entry(tmp_path, monkeypatch) -> None:
+    from dinokit import expectations
 
     me = {"cpu": "Some CPU", "avx512": False, "avx512_bf16": False, "cores": 2, "torch": "2.14.1"}
-    monkeypatch.setattr(attention_op_record, "this_machine", lambda: me)
+    monkeypatch.setattr(expectations, "this_machine", lambda: me)
     other = {**me, "cpu": "Other CPU"}
     entries = [{"profile": "cpu-demo", "machine": m, "commit": c, "date": "d", "source": "s", "results": {}}
                for m, c in ((me, "old"), (other, "x"), (me, "new"))]  # fmt: skip
     path = tmp_path / "expectations.json"
     path.write_text(json.dumps(entries))
-    assert "entry of new" in attention_op_record.record({145: [1.0, 1.1]}, 3, path)
+    entry = expectations.add_to_latest_entry({"op_145": [1.0, 1.1]}, "attention op, 3 fresh processes", path=path)
+    assert entry["commit"] == "new"
     old, _, new = json.loads(path.read_text())
     assert new["results"] == {"op_145": [1.0, 1.1]} and old["results"] == {} and "3 fresh processes" in new["source"]
+    monkeypatch.setattr(expectations, "this_machine", lambda: {**me, "cpu": "Third CPU"})
+    with pytest.raises(ValueError, match="no cpu-demo entry"):
+        expectations.add_to_latest_entry({}, "x", path=path)

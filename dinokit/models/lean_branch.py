@@ -64,9 +64,7 @@ def scaled_weights(linear: nn.Linear, scale: nn.Module, dtype: torch.dtype) -> t
 
 def _layer_norm(x: torch.Tensor, norm: tuple, dtype: torch.dtype) -> torch.Tensor:
     """LayerNorm in fp32 (as autocast runs it), returned in the matmul dtype."""
-    weight, bias, eps = norm
-    wide = torch.promote_types(x.dtype, torch.float32)
-    return F.layer_norm(x.to(wide), weight.shape, weight.to(wide), bias.to(wide), eps).to(dtype)
+    return _layer_norm_with_stats(x, norm, x.dtype, dtype)[0]
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -86,13 +84,13 @@ def _saved_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.float16 else dtype
 
 
-def _recompute_norm(kept: torch.Tensor, norm: tuple, in_dtype: torch.dtype, dtype: torch.dtype) -> tuple:
-    """The LayerNorm's output (in the matmul ``dtype``) recomputed from the kept input, widened to
-    at least fp32 first so the input's gradient comes back in full precision; and what
-    :func:`_norm_grads` needs."""
+def _layer_norm_with_stats(x: torch.Tensor, norm: tuple, in_dtype: torch.dtype, dtype: torch.dtype) -> tuple:
+    """The LayerNorm's output (in the matmul ``dtype``) from ``x`` (the input, or the kept copy of
+    it) widened to at least fp32, as autocast runs it and so that the input's gradient comes back
+    in full precision; and what :func:`_norm_grads` needs."""
     weight, bias, eps = norm
     wide = torch.promote_types(in_dtype, torch.float32)
-    x, w, b = kept.to(wide), weight.to(wide), bias.to(wide)
+    x, w, b = x.to(wide), weight.to(wide), bias.to(wide)
     out, mean, rstd = torch.native_layer_norm(x, weight.shape, w, b, eps)
     return out.to(dtype), (x, w, b, mean, rstd)
 
@@ -122,7 +120,7 @@ class _NormLinear(torch.autograd.Function):
     def backward(ctx, grad):
         x, norm_w, norm_b, weight = ctx.saved_tensors
         with torch.autocast(x.device.type, enabled=False):
-            y, state = _recompute_norm(x, (norm_w, norm_b, ctx.eps), ctx.in_dtype, grad.dtype)
+            y, state = _layer_norm_with_stats(x, (norm_w, norm_b, ctx.eps), ctx.in_dtype, grad.dtype)
             grad_y, grad_w, grad_b = _linear_grads(grad, y, weight, ctx.has_bias)
             grad_x, grad_nw, grad_nb = _norm_grads(grad_y, state, norm_w)
         grad_b = None if grad_b is None else grad_b.to(weight.dtype)
@@ -146,7 +144,7 @@ class _NormMlp(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             grad_act, grad_w2, grad_b2 = _linear_grads(grad, F.gelu(hidden), w2, ctx.bias[1])
             grad_h = torch.ops.aten.gelu_backward(grad_act, hidden)
-            y, state = _recompute_norm(x, (norm_w, norm_b, ctx.eps), ctx.in_dtype, grad.dtype)
+            y, state = _layer_norm_with_stats(x, (norm_w, norm_b, ctx.eps), ctx.in_dtype, grad.dtype)
             grad_y, grad_w1, grad_b1 = _linear_grads(grad_h, y, w1, ctx.bias[0])
             grad_x, grad_nw, grad_nb = _norm_grads(grad_y, state, norm_w)
         b1 = None if grad_b1 is None else grad_b1.to(w1.dtype)
