@@ -38,7 +38,8 @@ DEFAULT_VARIANTS = ["before", "decode-w0", "first-call", "cached"]
 
 
 def _old_extract(backbone, records, size: int, device: torch.device, precision: str, batch: int = 128) -> torch.Tensor:
-    """The extraction loop of commit 825050c, cut to what the timing needs (cls features only)."""
+    """The extraction loop of commit 825050c, cut to what the timing needs (cls features only, by
+    the full forward ``backbone(images)``, as then)."""
     from torch.utils.data import DataLoader, Dataset
 
     from dinokit.data.crops import eval_transform

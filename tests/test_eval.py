@@ -200,3 +200,20 @@ def test_most_confident_mistakes_by_hand() -> None:
     assert most_confident_mistakes(truth, predicted, confidence, 2) == [3, 4]  # ties keep their order
     assert most_confident_mistakes(truth, predicted, confidence, 10) == [3, 4, 1]
     assert most_confident_mistakes(truth, truth, confidence, 10) == []
+
+
+def test_cls_features_skip_the_last_blocks_other_outputs() -> None:
+    """The CLS feature comes from the last block computed for the CLS token alone: the full
+    forward's feature within float rounding, for fewer FLOPs (the other tokens' projection and MLP)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dinokit.eval.features import features_of
+
+    vit = _vit().eval()
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad(), FlopCounterMode(display=False) as full:
+        expected = vit.forward_features(x)["cls"]
+    with torch.no_grad(), FlopCounterMode(display=False) as lean:
+        got = features_of(vit, x)["cls"]
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert lean.get_total_flops() < full.get_total_flops()

@@ -40,7 +40,9 @@ def _assemble(layers: list[tuple[torch.Tensor, torch.Tensor]], kind: str) -> tor
 def features_of(backbone: VisionTransformer, images: torch.Tensor, kinds: Sequence[str] = ("cls",)) -> dict:
     """Feature vectors per image in the variants DINOv2's linear evaluation uses (one forward)."""
     if kinds and set(kinds) <= {"cls"}:
-        return {"cls": backbone(images)}
+        # The last block for the CLS token alone (its other outputs feed nothing): the same
+        # features within float rounding, 1.2x faster on a 2-core CPU (docs: README, issue 19).
+        return {"cls": backbone.forward_selected(images)["cls"]}
     unknown = set(kinds) - set(FEATURE_KINDS)
     if unknown:
         raise ValueError(f"unknown feature kinds {sorted(unknown)}; choose from {FEATURE_KINDS}")
