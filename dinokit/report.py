@@ -261,6 +261,12 @@ def _attention_section(r: Document, run_dir: Path) -> None:
                     if close and (run_info(run_dir) or {}).get("dataset") == "embedded"
                     else ""
                 )
+                + (
+                    f" Both masks, and the attention's, are made of whole patches: the best set of patches per image "
+                    f"scores {jac['patch_ceiling']:.1f} % on these images, the most any of them could reach."
+                    if "patch_ceiling" in jac
+                    else ""
+                )
             )
     path = run_dir / "attention" / "maps.pt"
     if not path.is_file():

@@ -116,3 +116,18 @@ def test_pca_jaccard_scores_the_pca_mask_against_the_silhouette(tmp_path: Path, 
     monkeypatch.setattr(vit, "forward_features", lambda x: {"patch": feats[: len(x)]})
     records = [Record(name=f"val/{i}.png", label=0, path=str(img)) for i in range(4)]
     assert jac.pca_jaccard(vit, records, [sil] * 4, size=48, group=4) == pytest.approx(100.0)
+
+
+def test_patch_grid_ceiling_is_the_best_mask_of_whole_patches(tmp_path: Path) -> None:
+    """Hand-derived on an 8 x 8 image with 4 x 4 patches: the figure fills patch (0, 0) and half of
+    patch (0, 1). Patch (0, 0) alone scores 16 / 24; both patches 24 / 32, the best; all four 24 / 64."""
+    from PIL import Image
+
+    from dinokit.eval.jaccard import patch_grid_ceiling
+
+    figure = np.zeros((8, 8), dtype=np.uint8)
+    figure[:4, :6] = 255
+    Image.fromarray(figure).save(tmp_path / "sil.png")
+    assert patch_grid_ceiling([tmp_path / "sil.png"], size=8, patch=4) == pytest.approx(75.0)
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "empty.png")
+    assert patch_grid_ceiling([tmp_path / "sil.png", tmp_path / "empty.png"], size=8, patch=4) == pytest.approx(37.5)

@@ -62,6 +62,26 @@ def _whole_images(records: Sequence[Record], silhouettes: Sequence[Path], size: 
     return images, masks
 
 
+def patch_grid_ceiling(silhouettes: Sequence[Path], size: int, patch: int) -> float:
+    """Mean Jaccard index (%) of the best mask made of whole patches: what any patch-level mask
+    (attention or patch PCA) could score at most at this image size.
+
+    Per image, the best such mask is a set of the most covered patches (include a patch when its
+    covered share beats a threshold; the Dinkelbach argument), so it is found exactly by sorting
+    patches by coverage and scoring every prefix.
+    """
+    size = max(patch, size - size % patch)
+    area, scores = patch * patch, []
+    for path in silhouettes:
+        figure = silhouette_at(path, size).float()
+        inside = F.avg_pool2d(figure[None, None], patch).flatten() * area  # figure pixels per patch
+        inside = inside.sort(descending=True).values
+        inter = inside.cumsum(0)
+        union = figure.sum() + (area - inside).cumsum(0)
+        scores.append(float((inter / union).max()) if figure.any() else 0.0)
+    return 100.0 * float(np.mean(scores)) if scores else float("nan")
+
+
 @torch.no_grad()
 def attention_jaccard(
     backbone: VisionTransformer,

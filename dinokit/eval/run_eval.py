@@ -27,7 +27,7 @@ from dinokit.data.split import Split
 from dinokit.device import device_kind, resolve_device
 from dinokit.eval.failures import save_failures
 from dinokit.eval.features import FEATURE_KINDS, extract_features
-from dinokit.eval.jaccard import attention_jaccard, pca_jaccard, silhouettes_of
+from dinokit.eval.jaccard import attention_jaccard, patch_grid_ceiling, pca_jaccard, silhouettes_of
 from dinokit.eval.knn import knn_accuracy
 from dinokit.eval.linear import linear_probe
 from dinokit.eval.supervised import train_supervised
@@ -271,6 +271,8 @@ def jaccard_suite(
             name: pca_jaccard(model, split.val, silhouettes, size)
             for name, model in (("teacher", backbone), ("random_init", random_init))
         },  # fmt: skip
+        # the best any mask of whole patches can score here: the scale for the two above
+        "patch_ceiling": patch_grid_ceiling(silhouettes, size, backbone.patch_size),
     }
     supervised = sorted((run_dir / "eval").glob(f"supervised_backbone_{split.sha256[:12]}_*.pt"))
     if with_supervised and supervised:
@@ -350,4 +352,6 @@ def results_table(metrics: dict) -> str:
                 f"patch-PCA foreground (groups of 8 images): pre-trained {pca['teacher']:.1f}%, "
                 f"random init {pca['random_init']:.1f}%"
             )
+        if "patch_ceiling" in jac:
+            lines.append(f"best possible mask of whole patches (the ceiling of both): {jac['patch_ceiling']:.1f}%")
     return "\n".join(lines)
