@@ -4,13 +4,16 @@
 float and normalised in the main process (0 workers), no cache. The ``after`` variants are
 :func:`dinokit.eval.features.extract_features` today: decoding in 0 or 1 loader workers with the
 cache off, a first call that decodes and writes the cache, and a call that finds it (what the kNN
-monitor does from its second check on). Each measurement runs in a fresh process, after one
+monitor does from its second check on), and two more readings of the cache: ``cached-full`` with
+the full forward that the CLS path ran before its last block was cut to the CLS token, and
+``cached-all-kinds``, the four feature kinds ``dinokit eval`` extracts (they need every token of
+the last block). Each measurement runs in a fresh process, after one
 untimed forward, with the variants' order alternating over rounds; median and range per variant,
 and each round's ratio to ``before``. The data is the embedded dataset of ``--preset``, the
 backbone that preset's architecture (random weights: the rate does not depend on them).
 
-    python benchmarks/eval_extract_bench.py [--preset cpu-demo] [--set KEY=VALUE ...] [--rounds 4] [--limit 0] \\
-        [--variants before decode-w0 decode-w1 first-call cached]
+    python benchmarks/eval_extract_bench.py [--preset cpu-demo] [--set KEY=VALUE ...] [--rounds 4] [--passes 1] \\
+        [--limit 0] [--variants before decode-w0 decode-w1 first-call cached cached-full cached-all-kinds]
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ VARIANTS = {
     "decode-w1": "uint8 loader, 1 worker, cache off",
     "first-call": "uint8 loader (default workers), decodes and writes the cache",
     "cached": "reads the cache back (the kNN monitor from its second check on)",
+    "cached-full": "reads the cache back, the full forward (the CLS path before its CLS-only last block)",
+    "cached-all-kinds": "reads the cache back, the four feature kinds of `dinokit eval` (full forward)",
 }
 DEFAULT_VARIANTS = ["before", "decode-w0", "first-call", "cached"]
 
@@ -86,10 +91,18 @@ def _records_and_backbone(preset: str, overrides: list[str], limit: int):
 
 
 def measure(
-    variant: str, preset: str, overrides: list[str], limit: int, device: str, precision: str, cache_dir: str
+    variant: str,
+    preset: str,
+    overrides: list[str],
+    limit: int,
+    device: str,
+    precision: str,
+    cache_dir: str,
+    passes: int = 1,
 ) -> dict:
-    """Images per second of one variant, in this (fresh) process."""
-    from dinokit.eval.features import extract_features
+    """Images per second of one variant, in this (fresh) process: the median of ``passes`` passes."""
+    from dinokit.eval import features
+    from dinokit.eval.features import FEATURE_KINDS
 
     if "fork" in multiprocessing.get_all_start_methods():  # a spawned child inherits "spawn": loader workers
         multiprocessing.set_start_method("fork", force=True)  # would re-import torch, unlike in a plain run
@@ -101,17 +114,25 @@ def measure(
         backbone(torch.zeros(8, 3, size, size, device=device_))
     os.environ["DINOKIT_CACHE"] = tempfile.mkdtemp(dir=cache_dir) if variant == "first-call" else cache_dir
     workers = {"decode-w0": 0, "decode-w1": 1}.get(variant)
-    start = time.perf_counter()
-    if variant == "before":
-        _old_extract(backbone, records, size, device_, precision)
-    else:
-        extract_features(
-            backbone, records, size, device=device_, precision=precision, num_workers=workers, progress=False,
-            cache=variant in ("first-call", "cached"),
-        )  # fmt: skip
-    if device_.type == "cuda":
-        torch.cuda.synchronize()
-    return {"images_per_s": len(records) / (time.perf_counter() - start), "images": len(records)}
+    if variant == "cached-full":  # the CLS feature from every token's last block, as before
+        features.features_of = lambda model, images, kinds: {"cls": model(images)}
+    kinds = FEATURE_KINDS if variant == "cached-all-kinds" else ("cls",)
+
+    def one_pass() -> float:
+        start = time.perf_counter()
+        if variant == "before":
+            _old_extract(backbone, records, size, device_, precision)
+        else:
+            features.extract_features(
+                backbone, records, size, kinds=kinds, device=device_, precision=precision, num_workers=workers,
+                progress=False, cache=variant.startswith("cached") or variant == "first-call",
+            )  # fmt: skip
+        if device_.type == "cuda":
+            torch.cuda.synchronize()
+        return len(records) / (time.perf_counter() - start)
+
+    rates = [one_pass() for _ in range(1 if variant == "first-call" else passes)]  # a 2nd first call finds the cache
+    return {"images_per_s": statistics.median(rates), "passes": rates, "images": len(records)}
 
 
 def _in_fresh_process(*args) -> dict:
@@ -136,11 +157,13 @@ def _summary(rounds: list[dict], variants: list[str]) -> dict:
 
 def main() -> None:
     from dinokit.device import device_name
+    from dinokit.paths import checkout_commit
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="cpu-demo")
     parser.add_argument("--set", nargs="*", default=[], help="config overrides, e.g. data.synth_size=256")
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--passes", type=int, default=1, help="passes per process, median taken (a pass is seconds)")
     parser.add_argument("--limit", type=int, default=0, help="use the first N images only (0: all)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", default="", help="fp32 / bf16 / fp16; default: bf16 on a GPU, fp32 on a CPU")
@@ -154,11 +177,11 @@ def main() -> None:
     records, _, size = _records_and_backbone(*data)  # generates the data once, here
     rounds = []
     with tempfile.TemporaryDirectory() as cache_dir:
-        _in_fresh_process("cached", *data, args.device, precision, cache_dir)  # fills the cache
+        _in_fresh_process("cached", *data, args.device, precision, cache_dir, 1)  # fills the cache
         os.environ["DINOKIT_CACHE"] = cache_dir
         for i in range(args.rounds):
             order = variants if i % 2 == 0 else variants[::-1]
-            r = {v: _in_fresh_process(v, *data, args.device, precision, cache_dir) for v in order}
+            r = {v: _in_fresh_process(v, *data, args.device, precision, cache_dir, args.passes) for v in order}
             rounds.append({"round": i + 1, "order": list(order), **r})
             rates = ", ".join(f"{v} {r[v]['images_per_s']:.0f}" for v in variants)
             print(f"round {i + 1}: {rates} img/s", flush=True)
@@ -178,6 +201,8 @@ def main() -> None:
             "device": machine,
             "preset": args.preset,
             "set": args.set,
+            "passes": args.passes,
+            "commit": checkout_commit(),
             "precision": precision,
             "images": len(records),
             "size": size,

@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import torch
@@ -152,16 +151,6 @@ def results_of(run_dir: Path, report_dir: Path | None = None) -> dict:
     return {k: (round(v, 2) if abs(v) < 10 else round(v, 1)) if isinstance(v, float) else v for k, v in out.items()}
 
 
-def _commit() -> str:
-    try:
-        done = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=paths.repo_root(), capture_output=True, text=True
-        )
-        return done.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
 def record_run(
     run_dir: str | Path, source: str, path: str | Path | None = None, commit: str | None = None,
     report_dir: str | Path | None = None,
@@ -174,7 +163,7 @@ def record_run(
     entry = {
         "profile": runs.run_config(run_dir).preset,
         "machine": this_machine(),
-        "commit": commit or _commit(),
+        "commit": commit or paths.checkout_commit(),
         "date": dt.date.today().isoformat(),
         "source": source,
         "results": {
@@ -204,7 +193,7 @@ def add_to_latest_entry(results: dict, how: str, profile: str = "cpu-demo", path
         raise ValueError(f"no {profile} entry for this machine kind yet: record a run first (dinokit expectations RUN)")
     entry = mine[-1]
     entry["results"].update(results)
-    entry["source"] += f"; {how}, {_commit()}, {dt.date.today().isoformat()}"
+    entry["source"] += f"; {how}, {paths.checkout_commit()}, {dt.date.today().isoformat()}"
     path.write_text(json.dumps(entries, indent=1) + "\n")
     return entry
 

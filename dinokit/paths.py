@@ -4,6 +4,7 @@ tests and CI never hard-code relative paths like ``../data``."""
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -16,6 +17,15 @@ def _env_path(name: str, default: Path) -> Path:
 
 def repo_root() -> Path:
     return _env_path("DINOKIT_ROOT", REPO_ROOT)
+
+
+def checkout_commit() -> str:
+    """The short hash of the checkout this code runs from ("unknown" outside git), to stamp measurements."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo_root(), capture_output=True, text=True)
+        return done.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
 
 
 def home() -> Path:

@@ -262,7 +262,7 @@ def _attention_section(r: Document, run_dir: Path) -> None:
                     else ""
                 )
                 + (
-                    f" Both masks, and the attention's, are made of whole patches: the best set of patches per image "
+                    f" The PCA and attention masks are all made of whole patches: the best set of patches per image "
                     f"scores {jac['patch_ceiling']:.1f} % on these images, the most any of them could reach."
                     if "patch_ceiling" in jac
                     else ""

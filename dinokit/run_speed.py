@@ -90,7 +90,7 @@ def test_speed(run_dir: Path, attention: str, device: torch.device) -> dict:
     """One pass of the frozen teacher over the held-out and test images: with the loader, and model alone."""
     from dinokit.data.source import prepare_split
     from dinokit.eval.eval_images import default_batch_size, normalize
-    from dinokit.eval.features import decoded_batches, extract_features
+    from dinokit.eval.features import decoded_batches, extract_features, features_of
     from dinokit.precision import autocast
 
     cfg = runs.run_config(run_dir)
@@ -101,7 +101,7 @@ def test_speed(run_dir: Path, attention: str, device: torch.device) -> dict:
     backbone = runs.load_backbone(run_dir).set_attention_backend(attention).to(device).eval()
     batch = default_batch_size(device)
     with torch.no_grad(), autocast(precision, device):  # warm-up: kernel selection, allocator, threads
-        backbone(torch.zeros(min(batch, 8), 3, size, size, device=device))
+        features_of(backbone, torch.zeros(min(batch, 8), 3, size, size, device=device))
     synchronize(device)
     _reset_peak(device)
     start = time.perf_counter()
@@ -114,8 +114,8 @@ def test_speed(run_dir: Path, attention: str, device: torch.device) -> dict:
     synchronize(device)
     start = time.perf_counter()
     with torch.no_grad(), autocast(precision, device):
-        for images in decoded:
-            backbone(normalize(images.to(device, non_blocking=True)))
+        for images in decoded:  # the forward extract_features runs (CLS features: a CLS-only last block)
+            features_of(backbone, normalize(images.to(device, non_blocking=True)))
     synchronize(device)
     alone = time.perf_counter() - start
     dtype = DTYPES[precision]

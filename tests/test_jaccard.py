@@ -118,6 +118,21 @@ def test_pca_jaccard_scores_the_pca_mask_against_the_silhouette(tmp_path: Path, 
     assert jac.pca_jaccard(vit, records, [sil] * 4, size=48, group=4) == pytest.approx(100.0)
 
 
+def test_pca_jaccard_scores_a_last_lone_image_with_the_group_before(tmp_path: Path, monkeypatch) -> None:
+    """Groups of 4 over 5 images: 4 + 1 would leave the fifth unscored (one image has no joint fit),
+    so it joins the first group; over 6 images the groups are 4 + 2."""
+    img, sil = _figure_image(tmp_path, (48, 48), (16, 16, 40, 32))
+    feats, _ = _patch_features(n_images=6)
+    vit = build_vit("vit_pico", img_size=48, patch_size=8)
+    seen: list[int] = []
+    monkeypatch.setattr(vit, "forward_features", lambda x: seen.append(len(x)) or {"patch": feats[: len(x)]})
+    for n, groups in ((5, [5]), (6, [4, 2])):
+        seen.clear()
+        records = [Record(name=f"val/{i}.png", label=0, path=str(img)) for i in range(n)]
+        assert jac.pca_jaccard(vit, records, [sil] * n, size=48, group=4) == pytest.approx(100.0)
+        assert seen == groups
+
+
 def test_patch_grid_ceiling_is_the_best_mask_of_whole_patches(tmp_path: Path) -> None:
     """Hand-derived on an 8 x 8 image with 4 x 4 patches: the figure fills patch (0, 0) and half of
     patch (0, 1). Patch (0, 0) alone scores 16 / 24; both patches 24 / 32, the best; all four 24 / 64."""

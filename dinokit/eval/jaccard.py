@@ -64,7 +64,7 @@ def _whole_images(records: Sequence[Record], silhouettes: Sequence[Path], size: 
 
 def patch_grid_ceiling(silhouettes: Sequence[Path], size: int, patch: int) -> float:
     """Mean Jaccard index (%) of the best mask made of whole patches: what any patch-level mask
-    (attention or patch PCA) could score at most at this image size.
+    (attention or patch PCA) could score at most at this image size, on the same images.
 
     Per image, the best such mask is a set of the most covered patches (include a patch when its
     covered share beats a threshold; the Dinkelbach argument), so it is found exactly by sorting
@@ -126,8 +126,10 @@ def pca_jaccard(
     size = max(patch, size - size % patch)
     device = next(backbone.parameters()).device
     scores: list[torch.Tensor] = []
-    for start in range(0, len(records), group):
-        end = start + group
+    starts = list(range(0, len(records), group))
+    if len(starts) > 1 and len(records) - starts[-1] == 1:
+        starts.pop()  # a last image alone joins the group before it: every image is scored
+    for start, end in zip(starts, [*starts[1:], len(records)], strict=True):
         images, masks = _whole_images(records[start:end], silhouettes[start:end], size, patch)
         if len(images) < 2:  # one image alone has no "several images at once" to fit on
             continue

@@ -201,8 +201,9 @@ class VisionTransformer(nn.Module):
     def forward_selected(
         self, x: torch.Tensor, masks: torch.Tensor | None = None, order: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
-        """The training forward: ``{"cls": (b, d), "patch": (b, w, d)}``, the patch tokens at the
-        positions ``order`` (b, w) (from :func:`dinokit.data.masking.mask_selection`; none: w = 0).
+        """The training forward (and evaluation's CLS features): ``{"cls": (b, d), "patch": (b, w, d)}``,
+        the patch tokens at the positions ``order`` (b, w) (from
+        :func:`dinokit.data.masking.mask_selection`; none: w = 0).
 
         The losses read only these (CLS for DINO and KoLeo, masked patches for iBOT), so the
         last block computes its output for them alone; the other tokens are still its keys and
