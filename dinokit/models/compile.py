@@ -5,12 +5,16 @@ residuals fuse into a few kernels), they share one graph per input shape, and th
 losses, the EMA) stays eager and readable. Shapes are static because the iBOT selection has a
 fixed size (:func:`dinokit.data.masking.mask_selection`): global crops, local crops and the
 last block's queries are three shapes, compiled once each. Where compiling fails (no compiler,
-an old GPU), training goes on eager after one warning line.
+an old GPU), training goes on eager after one warning line. Evaluation during training (the kNN
+checks) runs the blocks eager (:func:`eager_blocks`): its batch sizes and CLS-only last block are
+new shapes, and compiling them filled Dynamo's recompile limit.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -46,3 +50,23 @@ def _probe(block: torch.nn.Module, dim: int) -> None:
     with torch.enable_grad():
         block(x).sum().backward()
     block.zero_grad(set_to_none=True)
+
+
+@contextmanager
+def eager_blocks(backbone: torch.nn.Module) -> Iterator[None]:
+    """Run ``backbone``'s compiled blocks eager inside the ``with``, compiled again after it.
+
+    Why: every new input shape is a new graph (static shapes), and Dynamo keeps at most
+    ``recompile_limit`` (8) per code object, all blocks together. One training step makes 3 graphs;
+    an evaluation pass adds 2 per batch size (all tokens, then the CLS-only last block), so three
+    batch sizes hit the limit (``tests/test_compile.py``): each graph a compile of seconds to
+    minutes on a GPU, for a pass that takes seconds eager. Blocks not compiled are left alone."""
+    blocks = [b for b in getattr(backbone, "blocks", []) if getattr(b, "_compiled_call_impl", None) is not None]
+    compiled = [b._compiled_call_impl for b in blocks]
+    for block in blocks:
+        block._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for block, impl in zip(blocks, compiled, strict=True):
+            block._compiled_call_impl = impl

@@ -28,6 +28,7 @@ from dinokit.data.split import Split
 from dinokit.device import device_kind, device_name, resolve_device, synchronize
 from dinokit.eval.features import extract_features
 from dinokit.eval.knn import knn_accuracy
+from dinokit.models.compile import eager_blocks
 from dinokit.models.kernels import describe_attention, flash_attn_problem
 from dinokit.models.ssl import build_architecture
 from dinokit.precision import DTYPES, choose_precision, precision_warning
@@ -75,8 +76,9 @@ def knn_monitor(
     if not split.val or len(split.classes) < 2:
         return {}
     kw = dict(size=cfg.crops.eval_size, device=device, precision=precision, progress=False)
-    train = extract_features(backbone, split.train, **kw)
-    val = extract_features(backbone, split.val, **kw)
+    with eager_blocks(backbone):  # evaluation's shapes compiled would crowd out training's (train.compile)
+        train = extract_features(backbone, split.train, **kw)
+        val = extract_features(backbone, split.val, **kw)
     return knn_accuracy(
         train["features"]["cls"], train["labels"], val["features"]["cls"], val["labels"],
         len(split.classes), cfg.train.knn_k, cfg.train.knn_temperature,
