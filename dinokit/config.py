@@ -211,8 +211,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # crops, 256 prototypes); batch 32 for more updates per minute; a fixed lr of 5e-4 (DINOv2's
     # sqrt rule is meant for long runs); a faster teacher (momentum 0.98 -> 1) and no frozen
     # prototypes, since the whole run is a few epochs; teacher temperature 0.04 throughout (no time
-    # for a warm-up; 0.045-0.06 lift kNN but lower the attention Jaccard, README seed table); 6 local
-    # crops (the attention finds the figure better than with 4); crops
+    # for a warm-up; 0.06 lowered the attention Jaccard on both seeds tried, README "how it was
+    # found"); 6 local crops (the attention finds the figure better than with 4); crops
     # augmented on the device (1.8x the per-image pipeline here); attention maps drawn at 96 px
     # (12 x 12 patches, the whole image). fp32, not auto: at width 128 bf16 autocast's
     # casts cost more than its matmuls save (0.73x fp32 on an AVX512-BF16 Xeon,

@@ -3,6 +3,7 @@ and a platform where compiling fails trains eager after one warning."""
 
 import logging
 
+import pytest
 import torch
 
 from dinokit.data.masking import mask_selection
@@ -64,8 +65,9 @@ def test_a_failing_compiler_leaves_eager_blocks_and_one_warning(monkeypatch, cap
 
 
 def test_evaluation_runs_compiled_blocks_eager_and_leaves_training_compiled(env) -> None:
-    """Without ``eager_blocks`` three evaluation batch sizes after one training step hit Dynamo's
-    recompile limit (8 graphs: 3 for training, 2 per batch size); the kNN check now adds none."""
+    """Without ``eager_blocks`` two evaluation batch sizes after one training step fill Dynamo's
+    recompile limit (8 graphs: 5 from compiling and training, 2 per batch size); the kNN check now
+    adds none, and the compiled blocks come back even when evaluation fails."""
     from torch._dynamo.utils import counters
 
     from dinokit.config import make_config
@@ -73,19 +75,21 @@ def test_evaluation_runs_compiled_blocks_eager_and_leaves_training_compiled(env)
     from dinokit.eval.features import features_of
     from dinokit.train.loop import knn_monitor
 
-    eager, model = _backbone(), _backbone()
+    model = _backbone()
     torch._dynamo.reset()
     assert compile_mod.compile_blocks(model, backend="aot_eager")
     x, masks = torch.randn(4, 3, 32, 32), torch.rand(4, 16) < 0.3
     order = mask_selection(masks, width=8, n_rows=40)["mask_order"]
     _run(model, x, masks, order)
     graphs = counters["stats"]["unique_graphs"]
-    model.eval(), eager.eval()
+    model.eval()
     with torch.no_grad(), compile_mod.eager_blocks(model):
         assert all(b._compiled_call_impl is None for b in model.blocks)
         for batch in (5, 3, 2):
-            images = torch.randn(batch, 3, 32, 32)
-            assert torch.allclose(features_of(model, images)["cls"], features_of(eager, images)["cls"], atol=1e-6)
+            features_of(model, torch.randn(batch, 3, 32, 32))
+    with pytest.raises(RuntimeError), compile_mod.eager_blocks(model):
+        raise RuntimeError("evaluation failed")
+    assert all(b._compiled_call_impl is not None for b in model.blocks)
     cfg = make_config("ci")
     assert knn_monitor(model, prepare_split(cfg, progress=False), cfg)["top1"] >= 0
     assert counters["stats"]["unique_graphs"] == graphs  # evaluation compiled nothing

@@ -57,10 +57,11 @@ def eager_blocks(backbone: torch.nn.Module) -> Iterator[None]:
     """Run ``backbone``'s compiled blocks eager inside the ``with``, compiled again after it.
 
     Why: every new input shape is a new graph (static shapes), and Dynamo keeps at most
-    ``recompile_limit`` (8) per code object, all blocks together. One training step makes 3 graphs;
-    an evaluation pass adds 2 per batch size (all tokens, then the CLS-only last block), so three
-    batch sizes hit the limit (``tests/test_compile.py``): each graph a compile of seconds to
-    minutes on a GPU, for a pass that takes seconds eager. Blocks not compiled are left alone."""
+    ``recompile_limit`` (8) per code object, all blocks together. Compiling and one training step
+    of a student made 5 (a real run's teacher adds its own); an evaluation pass adds 2 per batch
+    size (all tokens, then the CLS-only last block), so its second batch size filled the limit
+    (``tests/test_compile.py``): each graph a compile of seconds to minutes on a GPU, for a pass
+    that takes seconds eager. Blocks not compiled are left alone."""
     blocks = [b for b in getattr(backbone, "blocks", []) if getattr(b, "_compiled_call_impl", None) is not None]
     compiled = [b._compiled_call_impl for b in blocks]
     for block in blocks:

@@ -76,7 +76,7 @@ def knn_monitor(
     if not split.val or len(split.classes) < 2:
         return {}
     kw = dict(size=cfg.crops.eval_size, device=device, precision=precision, progress=False)
-    with eager_blocks(backbone):  # evaluation's shapes compiled would crowd out training's (train.compile)
+    with eager_blocks(backbone):  # train.compile: evaluation's shapes would each be compiled (eager_blocks)
         train = extract_features(backbone, split.train, **kw)
         val = extract_features(backbone, split.val, **kw)
     return knn_accuracy(
